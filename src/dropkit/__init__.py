@@ -1,0 +1,34 @@
+"""dropkit: every dropout technique for PyTorch, on one reproducible counter-based mask engine.
+
+Layout: :mod:`dropkit.engine` (Philox bits, streams and keys, reference masks, custom ops),
+:mod:`dropkit.functional` (pure ops), :mod:`dropkit.nn` (modules),
+:mod:`dropkit.experiments` (demos and reproductions).
+"""
+
+from dropkit import functional as functional
+from dropkit import nn as nn
+from dropkit._version import __version__ as __version__
+from dropkit.engine.checkpoint import UnmanagedRecomputeError as UnmanagedRecomputeError
+from dropkit.engine.checkpoint import checkpoint as checkpoint
+from dropkit.engine.checkpoint import checkpoint_context as checkpoint_context
+from dropkit.engine.masks import realised_drop_probability as realised_drop_probability
+from dropkit.engine.streams import initial_seed as initial_seed
+from dropkit.engine.streams import make_key as make_key
+from dropkit.engine.streams import manual_seed as manual_seed
+from dropkit.engine.streams import masks_shared_across_ranks as masks_shared_across_ranks
+from dropkit.engine.streams import share_masks_across_ranks as share_masks_across_ranks
+
+__all__ = [
+    "UnmanagedRecomputeError",
+    "__version__",
+    "checkpoint",
+    "checkpoint_context",
+    "functional",
+    "initial_seed",
+    "make_key",
+    "manual_seed",
+    "masks_shared_across_ranks",
+    "nn",
+    "realised_drop_probability",
+    "share_masks_across_ranks",
+]

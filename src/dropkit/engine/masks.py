@@ -1,0 +1,131 @@
+"""The reference mask engine: keep masks and Gaussian noise as pure functions of a key.
+
+Bit layout (the contract that every fast kernel reproduces bit for bit):
+
+* A key ``[seed, stream, step]`` gives the Philox key ``(seed & 0xFFFFFFFF, seed >> 32)``;
+  counter ``n`` is the four words ``(n & 0xFFFFFFFF, n >> 32, stream, step)``.
+* Element ``j`` of a mask (row-major index in the *mask* shape, whatever the input's strides)
+  reads 16 bits: counter ``j // 8``, output word ``(j // 2) % 4``, low half if ``j`` is even.
+  It is dropped when those bits are below ``threshold(p) = round(p * 2**16)``, so the realised
+  drop probability is ``threshold / 2**16``, within ``2**-17`` of ``p``; ``p = 0`` never
+  drops and ``p = 1`` always does.
+* Gaussian element ``j`` uses counter ``j // 4``: words 0, 1 give elements ``4n``, ``4n + 1``
+  and words 2, 3 give ``4n + 2``, ``4n + 3`` by the Box-Muller transform of the uniforms
+  ``((w >> 8) + 0.5) * 2**-24``.
+
+Work is done in chunks of counters; the chunk size changes nothing but peak memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from dropkit.engine.philox import MASK32, philox4x32
+
+__all__ = [
+    "THRESHOLD_BITS",
+    "drop_threshold",
+    "keep_mask",
+    "mask_chunk_counters",
+    "mask_shape",
+    "normal_noise",
+    "random_bits16",
+    "realised_drop_probability",
+]
+
+THRESHOLD_BITS = 16
+_THRESHOLD_SCALE = 1 << THRESHOLD_BITS
+_ELEMENTS_PER_COUNTER = 8  # 4 words x 2 halves of 16 bits
+_NORMALS_PER_COUNTER = 4
+
+_chunk_counters = 1 << 20
+
+
+@contextlib.contextmanager
+def mask_chunk_counters(counters: int) -> Iterator[None]:
+    """Process at most ``counters`` Philox counters at a time (peak-memory knob, bits unchanged)."""
+    global _chunk_counters
+    if isinstance(counters, bool) or not isinstance(counters, int) or counters < 1:
+        raise ValueError(f"counters must be a positive int, got {counters!r}")
+    previous, _chunk_counters = _chunk_counters, counters
+    try:
+        yield
+    finally:
+        _chunk_counters = previous
+
+
+def drop_threshold(p: float) -> int:
+    """Integer threshold in ``[0, 2**16]``: a 16-bit draw below it drops the element."""
+    return round(p * _THRESHOLD_SCALE)
+
+
+def realised_drop_probability(p: float) -> float:
+    """The drop probability the engine actually realises for ``p`` (exact, a multiple of 2**-16)."""
+    return drop_threshold(p) / _THRESHOLD_SCALE
+
+
+def mask_shape(shape: Sequence[int], broadcast_dims: Sequence[int]) -> list[int]:
+    """``shape`` with the (non-negative) ``broadcast_dims`` set to 1: one draw per mask element."""
+    return [1 if dim in broadcast_dims else int(size) for dim, size in enumerate(shape)]
+
+
+def _philox_words(key: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, ...]:
+    counters = torch.arange(first, first + count, dtype=torch.int64, device=key.device)
+    seed, stream, step = key[0], key[1], key[2]
+    return philox4x32(
+        counters & MASK32,
+        counters >> 32,
+        stream & MASK32,
+        step & MASK32,
+        seed & MASK32,
+        (seed >> 32) & MASK32,
+    )
+
+
+def random_bits16(key: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 16-bit draws of elements ``0 .. numel-1`` as an int64 tensor on ``key.device``."""
+    n_counters = -(-numel // _ELEMENTS_PER_COUNTER)
+    chunks = []
+    for first in range(0, n_counters, _chunk_counters):
+        words = _philox_words(key, first, min(_chunk_counters, n_counters - first))
+        halves = [part for word in words for part in (word & 0xFFFF, word >> 16)]
+        chunks.append(torch.stack(halves, dim=1).reshape(-1))
+    if not chunks:
+        return torch.empty(0, dtype=torch.int64, device=key.device)
+    return torch.cat(chunks)[:numel]
+
+
+def keep_mask(key: torch.Tensor, p: float, shape: Sequence[int]) -> torch.Tensor:
+    """Boolean keep mask of ``shape`` (True = kept) for drop probability ``p``."""
+    numel = math.prod(shape)
+    threshold = drop_threshold(p)
+    if threshold == 0:
+        return torch.ones(tuple(shape), dtype=torch.bool, device=key.device)
+    if threshold == _THRESHOLD_SCALE:
+        return torch.zeros(tuple(shape), dtype=torch.bool, device=key.device)
+    return (random_bits16(key, numel) >= threshold).reshape(tuple(shape))
+
+
+def normal_noise(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape``, computed in float64 for float64 and else float32."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    numel = math.prod(shape)
+    n_counters = -(-numel // _NORMALS_PER_COUNTER)
+    chunks = []
+    for first in range(0, n_counters, _chunk_counters):
+        w0, w1, w2, w3 = _philox_words(key, first, min(_chunk_counters, n_counters - first))
+        pair = []
+        for a, b in ((w0, w1), (w2, w3)):
+            u1 = ((a >> 8).to(compute) + 0.5) * 2.0**-24
+            u2 = ((b >> 8).to(compute) + 0.5) * 2.0**-24
+            radius = torch.sqrt(-2.0 * torch.log(u1))
+            angle = (2.0 * math.pi) * u2
+            pair += [radius * torch.cos(angle), radius * torch.sin(angle)]
+        chunks.append(torch.stack(pair, dim=1).reshape(-1))
+    if not chunks:
+        return torch.empty(tuple(shape), dtype=compute, device=key.device)
+    return torch.cat(chunks)[:numel].reshape(tuple(shape))

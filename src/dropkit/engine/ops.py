@@ -1,0 +1,160 @@
+"""dropkit's ``torch.library`` custom ops: mask application with a zero-byte backward.
+
+Each op takes the input and a key tensor; autograd saves only the key (24 bytes, nothing per
+element) and the backward regenerates the same mask or noise from it.  Registering them as
+custom ops with fake (meta) kernels lets ``torch.compile(fullgraph=True)`` trace models that
+use them without graph breaks, and makes compiled masks identical to eager ones: the same
+kernel draws them.
+
+Ops:
+
+* ``dropkit::masked_affine(x, key, p, broadcast_dims, keep_scale, keep_shift, drop_value)``:
+  ``y = where(keep, x * keep_scale + keep_shift, drop_value)``.  Inverted dropout is
+  ``(1/q, 0, 0)``, original dropout ``(1, 0, 0)``, alpha dropout ``(a, b, a*alpha' + b)``.
+  Its gradient is ``where(keep, dy * keep_scale, 0)``: the same op on ``dy``.
+* ``dropkit::gaussian_scale(x, key, sigma, broadcast_dims)``: ``y = x * (1 + sigma * n)``.
+* ``dropkit::gaussian_shift(x, key, std, broadcast_dims)``: ``y = x + std * n``.
+
+Arithmetic is done in float32 for float32/float16/bfloat16 inputs (scale factors included) and
+in float64 for float64, then rounded once to the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dropkit.engine.masks import keep_mask, mask_shape, normal_noise
+
+__all__ = ["compute_dtype", "gaussian_scale", "gaussian_shift", "masked_affine"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype dropkit computes in for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _store_like(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` rounded to ``x.dtype`` in a fresh tensor with ``x``'s memory layout."""
+    out = torch.empty_like(x)
+    out.copy_(values)
+    return out
+
+
+def masked_affine_reference(
+    x: torch.Tensor,
+    key: torch.Tensor,
+    p: float,
+    broadcast_dims: list[int],
+    keep_scale: float,
+    keep_shift: float,
+    drop_value: float,
+) -> torch.Tensor:
+    compute = compute_dtype(x.dtype)
+    keep = keep_mask(key, p, mask_shape(x.shape, broadcast_dims))
+    kept = x.to(compute) * torch.tensor(keep_scale, dtype=compute, device=x.device)
+    if keep_shift != 0.0:
+        kept = kept + torch.tensor(keep_shift, dtype=compute, device=x.device)
+    dropped = torch.tensor(drop_value, dtype=compute, device=x.device)
+    return _store_like(x, torch.where(keep, kept, dropped))
+
+
+def _noise(x: torch.Tensor, key: torch.Tensor, broadcast_dims: list[int]) -> torch.Tensor:
+    return normal_noise(key, mask_shape(x.shape, broadcast_dims), x.dtype)
+
+
+def gaussian_scale_reference(
+    x: torch.Tensor, key: torch.Tensor, sigma: float, broadcast_dims: list[int]
+) -> torch.Tensor:
+    compute = compute_dtype(x.dtype)
+    factor = 1.0 + torch.tensor(sigma, dtype=compute, device=x.device) * _noise(x, key, broadcast_dims)
+    return _store_like(x, x.to(compute) * factor)
+
+
+def gaussian_shift_reference(
+    x: torch.Tensor, key: torch.Tensor, std: float, broadcast_dims: list[int]
+) -> torch.Tensor:
+    compute = compute_dtype(x.dtype)
+    noise = torch.tensor(std, dtype=compute, device=x.device) * _noise(x, key, broadcast_dims)
+    return _store_like(x, x.to(compute) + noise)
+
+
+@torch.library.custom_op("dropkit::masked_affine", mutates_args=())
+def masked_affine(
+    x: torch.Tensor,
+    key: torch.Tensor,
+    p: float,
+    broadcast_dims: list[int],
+    keep_scale: float,
+    keep_shift: float,
+    drop_value: float,
+) -> torch.Tensor:
+    return masked_affine_reference(x, key, p, broadcast_dims, keep_scale, keep_shift, drop_value)
+
+
+@torch.library.custom_op("dropkit::gaussian_scale", mutates_args=())
+def gaussian_scale(
+    x: torch.Tensor, key: torch.Tensor, sigma: float, broadcast_dims: list[int]
+) -> torch.Tensor:
+    return gaussian_scale_reference(x, key, sigma, broadcast_dims)
+
+
+@torch.library.custom_op("dropkit::gaussian_shift", mutates_args=())
+def gaussian_shift(x: torch.Tensor, key: torch.Tensor, std: float, broadcast_dims: list[int]) -> torch.Tensor:
+    return gaussian_shift_reference(x, key, std, broadcast_dims)
+
+
+@masked_affine.register_fake
+def _(
+    x: torch.Tensor,
+    key: torch.Tensor,
+    p: float,
+    broadcast_dims: list[int],
+    keep_scale: float,
+    keep_shift: float,
+    drop_value: float,
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@gaussian_scale.register_fake
+def _(x: torch.Tensor, key: torch.Tensor, sigma: float, broadcast_dims: list[int]) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@gaussian_shift.register_fake
+def _(x: torch.Tensor, key: torch.Tensor, std: float, broadcast_dims: list[int]) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _save_key(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    # Only the key is kept for backward: zero bytes per element.
+    ctx.save_for_backward(inputs[1])
+    ctx.args = inputs[2:]
+
+
+def _masked_affine_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    (key,) = ctx.saved_tensors
+    p, broadcast_dims, keep_scale, _, _ = ctx.args
+    grad_x = masked_affine(grad, key, p, broadcast_dims, keep_scale, 0.0, 0.0)
+    return grad_x, None, None, None, None, None, None
+
+
+def _gaussian_scale_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    (key,) = ctx.saved_tensors
+    sigma, broadcast_dims = ctx.args
+    return gaussian_scale(grad, key, sigma, broadcast_dims), None, None, None
+
+
+def _gaussian_shift_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    return grad, None, None, None
+
+
+def _save_nothing(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    pass
+
+
+masked_affine.register_autograd(_masked_affine_backward, setup_context=_save_key)
+gaussian_scale.register_autograd(_gaussian_scale_backward, setup_context=_save_key)
+gaussian_shift.register_autograd(_gaussian_shift_backward, setup_context=_save_nothing)

@@ -1,0 +1,219 @@
+"""RNG discipline: global seed, per-owner streams, step counters, keys and rank folding.
+
+Every random draw in dropkit is addressed by a *key*: an int64 tensor ``[seed, stream, step]``.
+The mask engine turns ``(key, element index)`` into random bits with Philox4x32-10, so a key
+names one mask exactly, on any device and however the work is split.
+
+* ``seed`` is the global seed set by :func:`manual_seed` (folded with the distributed rank by
+  default, see :func:`share_masks_across_ranks`), or a seed given per call.
+* ``stream`` identifies the owner of the draws: each dropkit module receives the next stream id
+  when it is built, so ``manual_seed(s)`` followed by building and running a model reproduces the
+  same masks in any process.
+* ``step`` counts the owner's draws: it advances on each training forward so successive calls
+  draw fresh masks.  Modules keep it in a non-persistent int64 buffer, so that
+  ``torch.compile`` does not recompile as it advances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+__all__ = [
+    "FUNCTIONAL_STREAM",
+    "StepCounterOwner",
+    "allocate_stream",
+    "draw_key",
+    "effective_seed",
+    "initial_seed",
+    "make_key",
+    "manual_seed",
+    "masks_shared_across_ranks",
+    "register_step_owner",
+    "share_masks_across_ranks",
+]
+
+_UINT64 = 1 << 64
+_INT64_MIN = -(1 << 63)
+# Stream of functional calls that get no seed; modules count up from 0, so they never meet it.
+FUNCTIONAL_STREAM = 0xFFFFFFFF
+_SHARE_ENV = "DROPKIT_SHARE_MASKS_ACROSS_RANKS"
+
+
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"environment variable {name} must be 0/1/true/false, got {raw!r}")
+
+
+def _to_int64(value: int) -> int:
+    """Reinterpret an integer in ``[-2**63, 2**64)`` as the int64 with the same low 64 bits."""
+    value %= _UINT64
+    return value - _UINT64 if value >= (1 << 63) else value
+
+
+def _check_seed(seed: object, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__} ({seed!r})")
+    if not _INT64_MIN <= seed < _UINT64:
+        raise ValueError(f"{name} must be in [-2**63, 2**64), got {seed}")
+    return _to_int64(seed)
+
+
+class StepCounterOwner(Protocol):
+    """Anything that keeps a step counter that :func:`manual_seed` must restart."""
+
+    def reset_rng_step(self) -> None: ...
+
+
+class _GlobalRngState:
+    def __init__(self) -> None:
+        self.seed = _to_int64(torch.initial_seed())
+        self.next_stream = 0
+        self.share_across_ranks = _env_flag(_SHARE_ENV)
+        self.functional_step = torch.zeros(1, dtype=torch.int64)
+        self.owners: weakref.WeakSet[StepCounterOwner] = weakref.WeakSet()
+
+
+_STATE = _GlobalRngState()
+
+
+def manual_seed(seed: int) -> None:
+    """Seed every dropkit draw, like :func:`torch.manual_seed` does for torch.
+
+    Sets the global seed, restarts the stream numbering for modules built afterwards, and
+    restarts the step counter of every live module and of the functional stream.  So
+    ``manual_seed(s)`` followed by running a model draws the same masks every time, whether the
+    model was built before or after the call.
+
+    Args:
+        seed: any integer in ``[-2**63, 2**64)``; it is used modulo ``2**64``.
+    """
+    _STATE.seed = _check_seed(seed)
+    _STATE.next_stream = 0
+    _STATE.functional_step.zero_()
+    for owner in list(_STATE.owners):
+        owner.reset_rng_step()
+
+
+def initial_seed() -> int:
+    """The global seed (as a signed 64-bit integer), before any rank folding."""
+    return _STATE.seed
+
+
+def allocate_stream() -> int:
+    """The next stream id, in construction order; :func:`manual_seed` restarts the numbering."""
+    stream = _STATE.next_stream
+    if stream >= FUNCTIONAL_STREAM:
+        raise RuntimeError("dropkit ran out of stream ids; call dropkit.manual_seed() to restart them")
+    _STATE.next_stream += 1
+    return stream
+
+
+def register_step_owner(owner: StepCounterOwner) -> None:
+    """Let :func:`manual_seed` restart ``owner``'s step counter (held by weak reference)."""
+    _STATE.owners.add(owner)
+
+
+@contextlib.contextmanager
+def share_masks_across_ranks(enabled: bool = True) -> Iterator[None]:
+    """Context manager: draw the same masks on every ``torch.distributed`` rank.
+
+    By default the rank is folded into the seed, because data-parallel ranks that draw identical
+    masks waste their randomness.  Share masks when ranks hold *the same* activations and must
+    agree (tensor parallelism of a replicated activation, or checking results across ranks).
+    The default can also be set with the environment variable
+    ``DROPKIT_SHARE_MASKS_ACROSS_RANKS=1``, read at import.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous = _STATE.share_across_ranks
+    _STATE.share_across_ranks = enabled
+    try:
+        yield
+    finally:
+        _STATE.share_across_ranks = previous
+
+
+def masks_shared_across_ranks() -> bool:
+    """Whether ranks currently share masks (see :func:`share_masks_across_ranks`)."""
+    return _STATE.share_across_ranks
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) % _UINT64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % _UINT64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) % _UINT64
+    return value ^ (value >> 31)
+
+
+def _distributed_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+def effective_seed(seed: int | None = None) -> int:
+    """The seed that keys are made of: the global (or given) seed folded with the rank.
+
+    Rank 0, a single process, and :func:`share_masks_across_ranks` leave the seed unchanged;
+    any other rank mixes its number into the seed with SplitMix64.
+    """
+    base = _STATE.seed if seed is None else _check_seed(seed)
+    rank = _distributed_rank()
+    if rank == 0 or _STATE.share_across_ranks:
+        return base
+    return _to_int64(_splitmix64((base % _UINT64) ^ (rank * 0xD1B54A32D192ED03 % _UINT64)))
+
+
+def make_key(
+    seed: int, stream: int = 0, step: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """An explicit RNG key ``[seed, stream, step]`` (int64), usable as ``seed=`` of any op."""
+    seed = _check_seed(seed)
+    for name, value in (("stream", stream), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
+    return torch.tensor([seed, stream, step], dtype=torch.int64, device=device)
+
+
+def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
+    """Draw the key for the next call of ``stream`` and advance its ``step`` counter in place.
+
+    Under :func:`dropkit.checkpoint` the forward pass records the keys it draws and the
+    recomputation replays them, so recomputed masks equal the original ones.
+    """
+    from dropkit.engine import checkpoint  # late: checkpoint builds on this module
+
+    replayed = checkpoint.replayed_key()
+    if replayed is not None:
+        return replayed
+    checkpoint.refuse_unmanaged_recompute()
+    head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
+    key = torch.cat([head, step.reshape(1)])
+    step.add_(1)
+    checkpoint.record_key(key)
+    return key
+
+
+def draw_functional_key(device: torch.device) -> torch.Tensor:
+    """Key for a functional call with no seed: the shared functional stream."""
+    return draw_key(FUNCTIONAL_STREAM, _STATE.functional_step).to(device)
+
+
+def key_from_generator(generator: torch.Generator) -> torch.Tensor:
+    """A key whose seed is drawn from a :class:`torch.Generator` (stream 0, step 0)."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    seed = torch.randint(
+        -(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, generator=generator, device=generator.device
+    )
+    return torch.cat([seed, torch.zeros(2, dtype=torch.int64, device=generator.device)])

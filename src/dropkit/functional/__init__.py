@@ -1,0 +1,25 @@
+"""Functional dropout ops: pure functions of (input, rate, key); modules wrap them."""
+
+from dropkit.functional.alpha import alpha_dropout as alpha_dropout
+from dropkit.functional.alpha import alpha_dropout_coefficients as alpha_dropout_coefficients
+from dropkit.functional.alpha import feature_alpha_dropout as feature_alpha_dropout
+from dropkit.functional.dropout import dropout as dropout
+from dropkit.functional.dropout import dropout1d as dropout1d
+from dropkit.functional.dropout import dropout2d as dropout2d
+from dropkit.functional.dropout import dropout3d as dropout3d
+from dropkit.functional.gaussian import gaussian_dropout as gaussian_dropout
+from dropkit.functional.gaussian import gaussian_dropout_std as gaussian_dropout_std
+from dropkit.functional.gaussian import gaussian_noise as gaussian_noise
+
+__all__ = [
+    "alpha_dropout",
+    "alpha_dropout_coefficients",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "feature_alpha_dropout",
+    "gaussian_dropout",
+    "gaussian_dropout_std",
+    "gaussian_noise",
+]

@@ -1,0 +1,88 @@
+"""Alpha dropout for self-normalizing (SELU) networks; documentation lives on the modules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from dropkit._validation import check_bool, check_probability, check_rank, normalize_dims
+from dropkit.engine import ops
+from dropkit.functional._common import SeedLike, check_common, finish, resolve_key
+
+__all__ = ["SELU_ALPHA_PRIME", "alpha_dropout", "alpha_dropout_coefficients", "feature_alpha_dropout"]
+
+# The SELU saturation value -lambda * alpha (Klambauer et al. 2017): where dropped units sit.
+SELU_ALPHA_PRIME = -1.7580993408473766
+
+
+def alpha_dropout_coefficients(p: float) -> tuple[float, float]:
+    """The affine correction ``(a, b)`` that keeps a standard-normal input at mean 0, variance 1.
+
+    ``a = (q + alpha'^2 q p)^(-1/2)`` and ``b = -a alpha' p`` with ``q = 1 - p``; undefined at
+    ``p = 1`` (ValueError), where alpha dropout outputs zeros instead.
+    """
+    p = check_probability(p)
+    if p == 1.0:
+        raise ValueError("alpha dropout coefficients are undefined at p = 1, got p=1.0")
+    q = 1.0 - p
+    a = 1.0 / math.sqrt(q + SELU_ALPHA_PRIME**2 * q * p)
+    return a, -a * SELU_ALPHA_PRIME * p
+
+
+def _alpha(
+    input: torch.Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    dims: list[int],
+    seed: SeedLike,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if not training or p == 0.0:
+        return input
+    if p == 1.0:
+        # The affine correction diverges; zeros are the defined output (never NaN, even for inf).
+        return finish(input, torch.zeros_like(input), inplace)
+    a, b = alpha_dropout_coefficients(p)
+    key = resolve_key(input, seed, generator)
+    output = ops.masked_affine(input, key, p, dims, a, b, a * SELU_ALPHA_PRIME + b)
+    return finish(input, output, inplace)
+
+
+def alpha_dropout(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    broadcast_dims: int | Sequence[int] = (),
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Alpha dropout of each element; see :class:`dropkit.nn.AlphaDropout`."""
+    input = check_common(input, training, inplace)
+    p = check_probability(p)
+    dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
+    return _alpha(input, p, training, inplace, dims, seed, generator)
+
+
+def feature_alpha_dropout(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    channels_last: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Alpha dropout of whole channels of ``(N, C, *)`` input; see :class:`dropkit.nn.FeatureAlphaDropout`."""
+    input = check_common(input, training, inplace)
+    p = check_probability(p)
+    check_bool(channels_last, "channels_last")
+    layout = "(N, *, C)" if channels_last else "(N, C, *)"
+    check_rank(input, range(2, 9), "feature_alpha_dropout", layout)
+    spatial = list(range(1, input.dim() - 1)) if channels_last else list(range(2, input.dim()))
+    return _alpha(input, p, training, inplace, spatial, seed, generator)

@@ -1,0 +1,110 @@
+"""Standard and spatial (channel) dropout as functions; documentation lives on the modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dropkit._validation import check_bool, check_probability, check_rank, normalize_dims
+from dropkit.engine import ops
+from dropkit.functional._common import SeedLike, check_common, finish, resolve_key, scale_by
+
+__all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d"]
+
+
+def dropout(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    inverted: bool = True,
+    broadcast_dims: int | Sequence[int] = (),
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Zero elements with probability ``p``; see :class:`dropkit.nn.Dropout`.
+
+    ``broadcast_dims`` lists the dims along which one draw is shared (channel, time-tied or
+    token masks); ``seed`` (an int or a key from :func:`dropkit.make_key`) or ``generator``
+    fix the mask for this call.
+    """
+    input = check_common(input, training, inplace)
+    p = check_probability(p)
+    check_bool(inverted, "inverted")
+    dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
+    keep_prob = 1.0 - p
+    if not training:
+        return input if inverted else scale_by(input, keep_prob, inplace)
+    if p == 0.0:
+        return input
+    key = resolve_key(input, seed, generator)
+    # Guard 1/q: at p = 1 nothing is kept, so the scale is never applied.
+    keep_scale = (1.0 / keep_prob if keep_prob > 0.0 else 0.0) if inverted else 1.0
+    output = ops.masked_affine(input, key, p, dims, keep_scale, 0.0, 0.0)
+    return finish(input, output, inplace)
+
+
+def _channel_dropout(
+    input: torch.Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    channels_last: bool,
+    spatial_rank: int,
+    name: str,
+    seed: SeedLike,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    input = check_common(input, training, inplace)
+    check_bool(channels_last, "channels_last")
+    letters = {1: "L", 2: "HW", 3: "DHW"}[spatial_rank]
+    layout = f"(N, {', '.join(letters)}, C)" if channels_last else f"(N, C, {', '.join(letters)})"
+    check_rank(input, (spatial_rank + 1, spatial_rank + 2), name, f"{layout} with optional N")
+    batched = input.dim() == spatial_rank + 2
+    first_spatial = (1 if batched else 0) + (0 if channels_last else 1)
+    spatial = list(range(first_spatial, first_spatial + spatial_rank))
+    return dropout(input, p, training, inplace, broadcast_dims=spatial, seed=seed, generator=generator)
+
+
+def dropout1d(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    channels_last: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Zero whole channels of ``(N, C, L)`` / ``(C, L)`` input; see :class:`dropkit.nn.Dropout1d`."""
+    return _channel_dropout(input, p, training, inplace, channels_last, 1, "dropout1d", seed, generator)
+
+
+def dropout2d(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    channels_last: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Zero whole channels of ``(N, C, H, W)`` / ``(C, H, W)`` input; see :class:`dropkit.nn.Dropout2d`."""
+    return _channel_dropout(input, p, training, inplace, channels_last, 2, "dropout2d", seed, generator)
+
+
+def dropout3d(
+    input: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    channels_last: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Zero whole channels of ``(N, C, D, H, W)`` / ``(C, D, H, W)``; see :class:`dropkit.nn.Dropout3d`."""
+    return _channel_dropout(input, p, training, inplace, channels_last, 3, "dropout3d", seed, generator)

@@ -1,0 +1,21 @@
+"""Dropout layers as ``torch.nn.Module`` s; each is a thin stateful shell over :mod:`dropkit.functional`."""
+
+from dropkit.nn.alpha import AlphaDropout as AlphaDropout
+from dropkit.nn.alpha import FeatureAlphaDropout as FeatureAlphaDropout
+from dropkit.nn.dropout import Dropout as Dropout
+from dropkit.nn.dropout import Dropout1d as Dropout1d
+from dropkit.nn.dropout import Dropout2d as Dropout2d
+from dropkit.nn.dropout import Dropout3d as Dropout3d
+from dropkit.nn.gaussian import GaussianDropout as GaussianDropout
+from dropkit.nn.gaussian import GaussianNoise as GaussianNoise
+
+__all__ = [
+    "AlphaDropout",
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "FeatureAlphaDropout",
+    "GaussianDropout",
+    "GaussianNoise",
+]
