@@ -42,6 +42,15 @@ def finish(input: torch.Tensor, output: torch.Tensor, inplace: bool) -> torch.Te
     return output
 
 
+def drop_everything(input: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """Exact zeros that stay connected to autograd (zero gradient), never ``input * 0`` (NaN for inf)."""
+    from dropkit.engine import ops  # late: the ops pull in the kernels
+
+    # At p = 1 the mask ignores the key, so a constant key consumes no draw.
+    unused_key = torch.zeros(3, dtype=torch.int64, device=input.device)
+    return finish(input, ops.masked_affine(input, unused_key, 1.0, [], 0.0, 0.0, 0.0), inplace)
+
+
 def scale_by(input: torch.Tensor, factor: float, inplace: bool) -> torch.Tensor:
     """``input * factor`` computed in float32 (float64 for float64), in place if asked."""
     compute = torch.float64 if input.dtype == torch.float64 else torch.float32

@@ -9,7 +9,7 @@ import torch
 
 from dropkit._validation import check_bool, check_probability, check_rank, normalize_dims
 from dropkit.engine import ops
-from dropkit.functional._common import SeedLike, check_common, finish, resolve_key
+from dropkit.functional._common import SeedLike, check_common, drop_everything, finish, resolve_key
 
 __all__ = ["SELU_ALPHA_PRIME", "alpha_dropout", "alpha_dropout_coefficients", "feature_alpha_dropout"]
 
@@ -44,7 +44,7 @@ def _alpha(
         return input
     if p == 1.0:
         # The affine correction diverges; zeros are the defined output (never NaN, even for inf).
-        return finish(input, torch.zeros_like(input), inplace)
+        return drop_everything(input, inplace)
     a, b = alpha_dropout_coefficients(p)
     key = resolve_key(input, seed, generator)
     output = ops.masked_affine(input, key, p, dims, a, b, a * SELU_ALPHA_PRIME + b)

@@ -9,7 +9,7 @@ import torch
 
 from dropkit._validation import check_nonnegative, check_probability, normalize_dims
 from dropkit.engine import ops
-from dropkit.functional._common import SeedLike, check_common, finish, resolve_key
+from dropkit.functional._common import SeedLike, check_common, drop_everything, finish, resolve_key
 
 __all__ = ["gaussian_dropout", "gaussian_dropout_std", "gaussian_noise"]
 
@@ -39,7 +39,7 @@ def gaussian_dropout(
     if not training or p == 0.0:
         return input
     if p == 1.0:
-        return finish(input, torch.zeros_like(input), inplace)
+        return drop_everything(input, inplace)
     key = resolve_key(input, seed, generator)
     output = ops.gaussian_scale(input, key, gaussian_dropout_std(p), dims)
     return finish(input, output, inplace)
