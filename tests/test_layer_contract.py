@@ -53,7 +53,9 @@ def test_zero_rate_is_identity(spec: LayerSpec) -> None:
     assert torch.equal(spec.call(x, 0.0), x)
 
 
-@pytest.mark.parametrize("spec", BERNOULLI_SPECS + GAUSSIAN_SPECS[:1], ids=ids(BERNOULLI_SPECS + GAUSSIAN_SPECS[:1]))
+@pytest.mark.parametrize(
+    "spec", BERNOULLI_SPECS + GAUSSIAN_SPECS[:1], ids=ids(BERNOULLI_SPECS + GAUSSIAN_SPECS[:1])
+)
 def test_rate_one_gives_zeros_never_nan_even_for_inf(spec: LayerSpec) -> None:
     x = sample(spec)
     x.view(-1)[:5] = torch.tensor([math.inf, -math.inf, 0.0, 1e38, -1e38])
@@ -288,7 +290,7 @@ def test_bad_tensor_and_flags_are_rejected(spec: LayerSpec) -> None:
     rate = rate_of(spec)
     with pytest.raises(TypeError, match=r"input must be a floating-point tensor, got dtype torch.int64"):
         spec.make(rate)(torch.ones(spec.shape, dtype=torch.int64))
-    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"input must be a torch\.Tensor, got list"):
         spec.call([1.0, 2.0], rate)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="training must be a bool, got int"):
         spec.call(sample(spec), rate, training=1)

@@ -13,6 +13,7 @@ __all__ = [
     "check_floating_tensor",
     "check_nonnegative",
     "check_probability",
+    "check_min_rank",
     "check_rank",
     "normalize_dims",
 ]
@@ -63,6 +64,14 @@ def check_rank(input: torch.Tensor, allowed: Sequence[int], layer: str, layout: 
         expected = " or ".join(f"{rank}-D" for rank in allowed)
         raise ValueError(
             f"{layer} expects {expected} input {layout}, "
+            f"got {input.dim()}-D input of shape {tuple(input.shape)}"
+        )
+
+
+def check_min_rank(input: torch.Tensor, minimum: int, layer: str, layout: str) -> None:
+    if input.dim() < minimum:
+        raise ValueError(
+            f"{layer} expects at least {minimum}-D input {layout}, "
             f"got {input.dim()}-D input of shape {tuple(input.shape)}"
         )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,14 +71,19 @@ def _frames() -> list[_Frame]:
     return frames
 
 
-@contextlib.contextmanager
-def _frame(log: _KeyLog, replay: bool) -> Iterator[None]:
-    frames = _frames()
-    frames.append(_Frame(log, replay))
-    try:
-        yield
-    finally:
-        frames.pop()
+class _FrameContext(contextlib.AbstractContextManager[None]):
+    """Pushes a fresh frame on each entry: torch re-enters the recompute context for every
+    recomputation (e.g. a second backward with ``retain_graph=True``)."""
+
+    def __init__(self, log: _KeyLog, replay: bool) -> None:
+        self.log = log
+        self.replay = replay
+
+    def __enter__(self) -> None:
+        _frames().append(_Frame(self.log, self.replay))
+
+    def __exit__(self, *exc_info: object) -> None:
+        _frames().pop()
 
 
 def _innermost_replay() -> int | None:
@@ -147,7 +152,7 @@ def checkpoint_context() -> tuple[
         >>> y.sum().backward()
     """
     log = _KeyLog()
-    return _frame(log, replay=False), _frame(log, replay=True)
+    return _FrameContext(log, replay=False), _FrameContext(log, replay=True)
 
 
 def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

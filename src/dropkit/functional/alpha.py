@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dropkit._validation import check_bool, check_probability, check_rank, normalize_dims
+from dropkit._validation import check_bool, check_min_rank, check_probability, normalize_dims
 from dropkit.engine import ops
 from dropkit.functional._common import SeedLike, check_common, drop_everything, finish, resolve_key
 
@@ -83,6 +83,6 @@ def feature_alpha_dropout(
     p = check_probability(p)
     check_bool(channels_last, "channels_last")
     layout = "(N, *, C)" if channels_last else "(N, C, *)"
-    check_rank(input, range(2, 9), "feature_alpha_dropout", layout)
+    check_min_rank(input, 2, "feature_alpha_dropout", layout)
     spatial = list(range(1, input.dim() - 1)) if channels_last else list(range(2, input.dim()))
     return _alpha(input, p, training, inplace, spatial, seed, generator)

@@ -61,7 +61,7 @@ def _channel_dropout(
     check_bool(channels_last, "channels_last")
     letters = {1: "L", 2: "HW", 3: "DHW"}[spatial_rank]
     layout = f"(N, {', '.join(letters)}, C)" if channels_last else f"(N, C, {', '.join(letters)})"
-    check_rank(input, (spatial_rank + 1, spatial_rank + 2), name, f"{layout} with optional N")
+    check_rank(input, (spatial_rank + 2, spatial_rank + 1), name, f"{layout} or unbatched")
     batched = input.dim() == spatial_rank + 2
     first_spatial = (1 if batched else 0) + (0 if channels_last else 1)
     spatial = list(range(first_spatial, first_spatial + spatial_rank))
