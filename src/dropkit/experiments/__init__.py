@@ -1,0 +1,1 @@
+"""Demos and reproductions of published results live here."""
