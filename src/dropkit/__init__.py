@@ -1,6 +1,7 @@
 """dropkit: every dropout technique for PyTorch, on one reproducible counter-based mask engine.
 
 Layout: :mod:`dropkit.engine` (Philox bits, streams and keys, reference masks, custom ops),
+:mod:`dropkit.kernels` (fused CPU/CUDA kernels and their dispatch),
 :mod:`dropkit.functional` (pure ops), :mod:`dropkit.nn` (modules),
 :mod:`dropkit.experiments` (demos and reproductions).
 """
@@ -17,6 +18,7 @@ from dropkit.engine.streams import make_key as make_key
 from dropkit.engine.streams import manual_seed as manual_seed
 from dropkit.engine.streams import masks_shared_across_ranks as masks_shared_across_ranks
 from dropkit.engine.streams import share_masks_across_ranks as share_masks_across_ranks
+from dropkit.kernels import use_reference_engine as use_reference_engine
 
 __all__ = [
     "UnmanagedRecomputeError",
@@ -31,4 +33,5 @@ __all__ = [
     "nn",
     "realised_drop_probability",
     "share_masks_across_ranks",
+    "use_reference_engine",
 ]

@@ -14,6 +14,14 @@ Ops:
   Its gradient is ``where(keep, dy * keep_scale, 0)``: the same op on ``dy``.
 * ``dropkit::gaussian_scale(x, key, sigma, broadcast_dims)``: ``y = x * (1 + sigma * n)``.
 * ``dropkit::gaussian_shift(x, key, std, broadcast_dims)``: ``y = x + std * n``.
+* ``dropkit::bias_dropout_add(x, bias, residual, key, p)``: ``y = residual + dropout(x + bias)``
+  (inverted dropout of the element mask of ``x``, Megatron-LM's fused neighbour).  Gradients:
+  ``dx = where(keep, dy / q, 0)`` (the masked_affine op on ``dy``), ``dbias = dx`` summed to the
+  bias shape, ``dresidual = dy``; only the key is saved.
+
+Mask ops run on a fused kernel where :mod:`dropkit.kernels.dispatch` has one for the device
+(numba on CPU, Triton on CUDA) and on the ``*_reference`` functions below otherwise; the
+reference functions are the ground truth every kernel reproduces bit for bit.
 
 Arithmetic is done in float32 for float32/float16/bfloat16 inputs (scale factors included) and
 in float64 for float64, then rounded once to the input dtype.
@@ -26,13 +34,26 @@ from typing import Any
 import torch
 
 from dropkit.engine.masks import keep_mask, mask_shape, normal_noise
+from dropkit.kernels import dispatch
 
-__all__ = ["compute_dtype", "gaussian_scale", "gaussian_shift", "masked_affine"]
+__all__ = [
+    "bias_dropout_add",
+    "compute_dtype",
+    "gaussian_scale",
+    "gaussian_shift",
+    "inverted_scale",
+    "masked_affine",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype dropkit computes in for inputs of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def inverted_scale(p: float) -> float:
+    """``1 / (1 - p)``, guarded: at ``p = 1`` nothing is kept and the scale is never applied."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
 def _store_like(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -58,6 +79,18 @@ def masked_affine_reference(
         kept = kept + torch.tensor(keep_shift, dtype=compute, device=x.device)
     dropped = torch.tensor(drop_value, dtype=compute, device=x.device)
     return _store_like(x, torch.where(keep, kept, dropped))
+
+
+def bias_dropout_add_reference(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, p: float
+) -> torch.Tensor:
+    compute = compute_dtype(x.dtype)
+    keep = keep_mask(key, p, list(x.shape))
+    kept = (x.to(compute) + bias.to(compute)) * torch.tensor(
+        inverted_scale(p), dtype=compute, device=x.device
+    )
+    dropped = torch.where(keep, kept, torch.zeros((), dtype=compute, device=x.device))
+    return _store_like(x, residual.to(compute) + dropped)
 
 
 def _noise(x: torch.Tensor, key: torch.Tensor, broadcast_dims: list[int]) -> torch.Tensor:
@@ -90,7 +123,33 @@ def masked_affine(
     keep_shift: float,
     drop_value: float,
 ) -> torch.Tensor:
-    return masked_affine_reference(x, key, p, broadcast_dims, keep_scale, keep_shift, drop_value)
+    return dispatch.masked_affine(
+        x,
+        key,
+        p,
+        broadcast_dims,
+        keep_scale,
+        keep_shift,
+        drop_value,
+        reference=lambda: masked_affine_reference(
+            x, key, p, broadcast_dims, keep_scale, keep_shift, drop_value
+        ),
+    )
+
+
+@torch.library.custom_op("dropkit::bias_dropout_add", mutates_args=())
+def bias_dropout_add(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, p: float
+) -> torch.Tensor:
+    return dispatch.bias_dropout_add(
+        x,
+        bias,
+        residual,
+        key,
+        p,
+        inverted_scale(p),
+        reference=lambda: bias_dropout_add_reference(x, bias, residual, key, p),
+    )
 
 
 @torch.library.custom_op("dropkit::gaussian_scale", mutates_args=())
@@ -118,6 +177,13 @@ def _(
     return torch.empty_like(x)
 
 
+@bias_dropout_add.register_fake
+def _(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, p: float
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 @gaussian_scale.register_fake
 def _(x: torch.Tensor, key: torch.Tensor, sigma: float, broadcast_dims: list[int]) -> torch.Tensor:
     return torch.empty_like(x)
@@ -141,6 +207,26 @@ def _masked_affine_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     return grad_x, None, None, None, None, None, None
 
 
+def _bias_dropout_add_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    # The key and two shapes: zero bytes per element, like the other ops.
+    ctx.save_for_backward(inputs[3])
+    ctx.p = inputs[4]
+    ctx.bias_shape = inputs[1].shape
+    ctx.residual_shape = inputs[2].shape
+
+
+def _bias_dropout_add_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    (key,) = ctx.saved_tensors
+    grad_x = grad_bias = grad_residual = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_x = masked_affine(grad, key, ctx.p, [], inverted_scale(ctx.p), 0.0, 0.0)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_x.sum_to_size(ctx.bias_shape)
+    if ctx.needs_input_grad[2]:
+        grad_residual = grad.sum_to_size(ctx.residual_shape)
+    return grad_x if ctx.needs_input_grad[0] else None, grad_bias, grad_residual, None, None
+
+
 def _gaussian_scale_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     (key,) = ctx.saved_tensors
     sigma, broadcast_dims = ctx.args
@@ -156,5 +242,6 @@ def _save_nothing(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> No
 
 
 masked_affine.register_autograd(_masked_affine_backward, setup_context=_save_key)
+bias_dropout_add.register_autograd(_bias_dropout_add_backward, setup_context=_bias_dropout_add_setup)
 gaussian_scale.register_autograd(_gaussian_scale_backward, setup_context=_save_key)
 gaussian_shift.register_autograd(_gaussian_shift_backward, setup_context=_save_nothing)

@@ -7,6 +7,7 @@ from dropkit.functional.dropout import dropout as dropout
 from dropkit.functional.dropout import dropout1d as dropout1d
 from dropkit.functional.dropout import dropout2d as dropout2d
 from dropkit.functional.dropout import dropout3d as dropout3d
+from dropkit.functional.fused import bias_dropout_add as bias_dropout_add
 from dropkit.functional.gaussian import gaussian_dropout as gaussian_dropout
 from dropkit.functional.gaussian import gaussian_dropout_std as gaussian_dropout_std
 from dropkit.functional.gaussian import gaussian_noise as gaussian_noise
@@ -14,6 +15,7 @@ from dropkit.functional.gaussian import gaussian_noise as gaussian_noise
 __all__ = [
     "alpha_dropout",
     "alpha_dropout_coefficients",
+    "bias_dropout_add",
     "dropout",
     "dropout1d",
     "dropout2d",

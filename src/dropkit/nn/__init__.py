@@ -6,11 +6,13 @@ from dropkit.nn.dropout import Dropout as Dropout
 from dropkit.nn.dropout import Dropout1d as Dropout1d
 from dropkit.nn.dropout import Dropout2d as Dropout2d
 from dropkit.nn.dropout import Dropout3d as Dropout3d
+from dropkit.nn.fused import BiasDropoutAdd as BiasDropoutAdd
 from dropkit.nn.gaussian import GaussianDropout as GaussianDropout
 from dropkit.nn.gaussian import GaussianNoise as GaussianNoise
 
 __all__ = [
     "AlphaDropout",
+    "BiasDropoutAdd",
     "Dropout",
     "Dropout1d",
     "Dropout2d",

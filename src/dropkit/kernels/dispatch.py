@@ -1,0 +1,229 @@
+"""Backend choice for dropkit's mask ops: a fused kernel where one exists, else the reference engine.
+
+Every backend reproduces the reference engine bit for bit, so the choice changes speed, never
+results.  Per device type:
+
+* CPU: the numba kernels of :mod:`dropkit.kernels.cpu`, if numba imports and the kernels pass a
+  self-check against the reference engine on first use;
+* CUDA: the Triton kernels of :mod:`dropkit.kernels.triton_gpu` (imported lazily, only once a
+  CUDA tensor shows up);
+* anything else (MPS, XPU, meta, ...): the reference engine.
+
+A backend that is missing or fails (import error, compile error, wrong self-check, an exception
+at call time) is switched off for the rest of the process with a single
+:class:`KernelFallbackWarning`, and the call is answered by the reference engine: a broken
+backend costs speed, never a crash.
+
+The reference engine can be forced with :func:`use_reference_engine` (a context manager, also
+usable to force kernels back on inside a forced region) or for a whole process with the
+environment variable ``DROPKIT_FORCE_REFERENCE=1`` (read and validated at import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from types import ModuleType
+
+import torch
+
+from dropkit._validation import check_bool
+from dropkit.engine.masks import keep_mask
+from dropkit.engine.streams import _env_flag
+
+__all__ = [
+    "FORCE_REFERENCE_ENV",
+    "NUMBA",
+    "REFERENCE",
+    "TRITON",
+    "KernelFallbackWarning",
+    "backend_for",
+    "bias_dropout_add",
+    "masked_affine",
+    "use_reference_engine",
+]
+
+REFERENCE = "reference"
+NUMBA = "numba"
+TRITON = "triton"
+FORCE_REFERENCE_ENV = "DROPKIT_FORCE_REFERENCE"
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Validated at import: a typo in the variable fails loudly instead of silently meaning "off".
+_FORCED_BY_ENVIRONMENT = _env_flag(FORCE_REFERENCE_ENV)
+_force_reference: ContextVar[bool] = ContextVar("dropkit_force_reference", default=_FORCED_BY_ENVIRONMENT)
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A fused kernel backend is unavailable or broken; dropkit uses its reference engine."""
+
+
+@contextlib.contextmanager
+def use_reference_engine(enabled: bool = True) -> Iterator[None]:
+    """Run dropkit's ops on the reference engine (``enabled=True``) or on the fused kernels
+    (``enabled=False``, overriding ``DROPKIT_FORCE_REFERENCE``) inside the ``with`` block.
+
+    Masks are the same either way; use it to compare speeds, or to rule a kernel out while
+    debugging.  The setting is per thread (and per asyncio task) and nests.
+
+    Example::
+
+        >>> import torch, dropkit
+        >>> x = torch.ones(4, 4)
+        >>> with dropkit.use_reference_engine():
+        ...     slow = dropkit.functional.dropout(x, 0.5, seed=3)
+        >>> torch.equal(slow, dropkit.functional.dropout(x, 0.5, seed=3))
+        True
+    """
+    check_bool(enabled, "enabled")
+    token = _force_reference.set(enabled)
+    try:
+        yield
+    finally:
+        _force_reference.reset(token)
+
+
+class _Backend:
+    """Lazily imported kernel module for one device type, switched off for good on failure."""
+
+    def __init__(self, name: str, module_name: str, self_check: Callable[[ModuleType], None] | None) -> None:
+        self.name = name
+        self.module_name = module_name
+        self.self_check = self_check
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.module: ModuleType | None = None
+        self.failure: str | None = None
+
+    def load(self) -> ModuleType | None:
+        if self.module is not None or self.failure is not None:
+            return self.module
+        with self._lock:
+            if self.module is None and self.failure is None:
+                try:
+                    module = importlib.import_module(self.module_name)
+                    if self.self_check is not None:
+                        self.self_check(module)
+                except Exception as error:  # any failure of an optional backend means "fall back"
+                    self.fail(error)
+                else:
+                    self.module = module
+        return self.module
+
+    def fail(self, error: BaseException) -> None:
+        self.module = None
+        if self.failure is not None:
+            return
+        self.failure = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"dropkit's {self.name} kernels ({self.module_name}) are unavailable "
+            f"({self.failure}); using the reference engine for the rest of this process. "
+            "Results are identical, only slower.",
+            KernelFallbackWarning,
+            stacklevel=2,
+        )
+
+
+def _check_cpu_kernels(module: ModuleType) -> None:
+    """Refuse kernels whose masks differ from the reference (a miscompiling toolchain, say)."""
+    key = torch.tensor([0x123456789, 7, 11], dtype=torch.int64)
+    x = torch.ones(61, dtype=torch.float32)
+    got = module.masked_affine(x, key, 0.5, [], 2.0, 0.0, 0.0)
+    expected = torch.where(keep_mask(key, 0.5, [61]), 2.0, 0.0)
+    if not torch.equal(got, expected):
+        raise RuntimeError("self-check failed: masks differ from the reference engine")
+
+
+# ---- Backend registry.  CUDA hook: dropkit.kernels.triton_gpu must expose
+#   masked_affine(x, key, p, broadcast_dims, keep_scale, keep_shift, drop_value) -> Tensor
+#   bias_dropout_add(x, bias, residual, key, p, keep_scale) -> Tensor   (bias of shape (H,))
+# and is imported the first time a CUDA tensor reaches an op, never on CPU-only code paths.
+_BACKENDS: dict[str, _Backend] = {
+    "cpu": _Backend(NUMBA, "dropkit.kernels.cpu", _check_cpu_kernels),
+    "cuda": _Backend(TRITON, "dropkit.kernels.triton_gpu", None),
+}
+
+
+def backend_for(device: torch.device | str) -> str:
+    """Name of the backend that runs float ops on ``device``: ``"numba"``, ``"triton"`` or
+    ``"reference"``.  Asking may import (and self-check) the backend, with the usual fallback."""
+    device = torch.device(device)
+    if _force_reference.get():
+        return REFERENCE
+    backend = _BACKENDS.get(device.type)
+    if backend is None or backend.load() is None:
+        return REFERENCE
+    return backend.name
+
+
+def _kernels_for(x: torch.Tensor, key: torch.Tensor) -> _Backend | None:
+    if _force_reference.get() or x.dtype not in _KERNEL_DTYPES:
+        return None
+    if key.dtype != torch.int64 or key.shape != (3,) or key.device != x.device:
+        # Not a key the kernels take: the reference engine answers (or raises the user's error),
+        # so that a bad argument never switches a working backend off.
+        return None
+    backend = _BACKENDS.get(x.device.type)
+    if backend is None or backend.load() is None:
+        return None
+    return backend
+
+
+def _run(
+    backend: _Backend | None, op: str, args: tuple[object, ...], reference: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    if backend is None or backend.module is None:
+        return reference()
+    try:
+        result: torch.Tensor = getattr(backend.module, op)(*args)
+    except Exception as error:  # a kernel bug or toolchain failure must not take the model down
+        backend.fail(error)
+        return reference()
+    return result
+
+
+def masked_affine(
+    x: torch.Tensor,
+    key: torch.Tensor,
+    p: float,
+    broadcast_dims: Sequence[int],
+    keep_scale: float,
+    keep_shift: float,
+    drop_value: float,
+    *,
+    reference: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``dropkit::masked_affine`` on the best backend for ``x``; ``reference()`` computes the
+    same result with the reference engine (used when no kernel applies or one fails)."""
+    args = (x, key, p, list(broadcast_dims), keep_scale, keep_shift, drop_value)
+    return _run(_kernels_for(x, key), "masked_affine", args, reference)
+
+
+def bias_dropout_add(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    key: torch.Tensor,
+    p: float,
+    keep_scale: float,
+    *,
+    reference: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``dropkit::bias_dropout_add`` on the best backend for ``x``; see :func:`masked_affine`."""
+    backend = _kernels_for(x, key)
+    if backend is not None and backend.name == TRITON and tuple(bias.shape) != tuple(x.shape[-1:]):
+        backend = None  # the Triton kernel takes a bias over the last dim only
+    return _run(backend, "bias_dropout_add", (x, bias, residual, key, p, keep_scale), reference)
+
+
+def _reset_backends() -> None:
+    """Forget loaded and failed backends (tests simulate failures with it)."""
+    for backend in _BACKENDS.values():
+        backend.reset()
