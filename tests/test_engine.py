@@ -82,17 +82,17 @@ def test_realised_rate_of_large_mask(p: float) -> None:
 
 def test_masks_do_not_depend_on_chunking_or_thread_count() -> None:
     key = dropkit.make_key(2024, stream=3, step=1)
-    reference = random_bits16(key, 100_003)
+    reference = random_bits16(key, 20_003)
     noise = normal_noise(key, [10_007], torch.float32)
-    for counters in (1, 7, 1000):
+    for counters in (3, 7, 1000):
         with mask_chunk_counters(counters):
-            assert torch.equal(random_bits16(key, 100_003), reference)
+            assert torch.equal(random_bits16(key, 20_003), reference)
             assert torch.equal(normal_noise(key, [10_007], torch.float32), noise)
     threads = torch.get_num_threads()
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            assert torch.equal(random_bits16(key, 100_003), reference)
+            assert torch.equal(random_bits16(key, 20_003), reference)
     finally:
         torch.set_num_threads(threads)
 

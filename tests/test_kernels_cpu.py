@@ -294,8 +294,34 @@ def test_backward_keeps_only_the_key() -> None:
 
 def test_custom_op_registration() -> None:
     x, bias, residual = torch.randn(4, 8), torch.randn(8), torch.randn(4, 8)
-    torch.library.opcheck(ops.bias_dropout_add, (x, bias, residual, KEY, 0.5))
-    torch.library.opcheck(ops.masked_affine, (x, KEY, 0.5, [], 2.0, 0.0, 0.0))
+    torch.library.opcheck(ops.bias_dropout_add_op, (x, bias, residual, KEY, 0.5))
+    torch.library.opcheck(ops.masked_affine_op, (x, KEY, 0.5, [], 2.0, 0.0, 0.0))
+
+
+def test_eager_fast_path_equals_the_custom_ops_forward_and_backward() -> None:
+    # The eager autograd.Function must be indistinguishable from the registered op.
+    x = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(6, 10, dtype=torch.float64)
+    cases = [
+        (ops.masked_affine, ops.masked_affine_op, (x, KEY, 0.4, [1], 1.5, 0.25, -1.0)),
+        (ops.bias_dropout_add, ops.bias_dropout_add_op, (x, bias, residual, KEY, 0.4)),
+    ]
+    for fast, op, args in cases:
+        assert ops._eager_fast_path(x)
+        results = []
+        for fn in (fast, op):
+            out = fn(*args)
+            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            results.append((out, torch.autograd.grad(out, leaves, grad)))
+        (out_fast, grads_fast), (out_op, grads_op) = results
+        assert out_fast.grad_fn is not None and "dropkit" not in type(out_fast.grad_fn).__name__
+        assert "dropkit" in type(out_op.grad_fn).__name__
+        assert torch.equal(out_fast, out_op)
+        for a, b in zip(grads_fast, grads_op, strict=True):
+            assert torch.equal(a, b)
+        assert torch.autograd.gradcheck(fast, args)
 
 
 # ---- API of the fused op -------------------------------------------------------------------------

@@ -95,9 +95,7 @@ def _innermost_replay() -> int | None:
 
 
 def replayed_key() -> torch.Tensor | None:
-    """The key to reuse if a recomputation is being replayed, else ``None``."""
-    if torch.compiler.is_compiling():
-        return None
+    """The key to reuse if a recomputation is being replayed, else ``None`` (eager only)."""
     index = _innermost_replay()
     if index is None:
         return None
@@ -111,9 +109,7 @@ def replayed_key() -> torch.Tensor | None:
 
 
 def record_key(key: torch.Tensor) -> None:
-    """Remember a freshly drawn key in every enclosing recording checkpoint."""
-    if torch.compiler.is_compiling():
-        return
+    """Remember a freshly drawn key in every enclosing recording checkpoint (eager only)."""
     for frame in _frames():
         if not frame.replay:
             frame.log.keys.append(key)
@@ -123,10 +119,9 @@ def refuse_unmanaged_recompute() -> None:
     """Raise if a fresh draw happens while autograd runs a backward pass with grad enabled.
 
     That only happens when a checkpoint recomputes its forward, and a fresh draw there would
-    give masks that differ from the forward pass.
+    give masks that differ from the forward pass.  Eager only: traced code never recomputes
+    through this path.
     """
-    if torch.compiler.is_compiling():
-        return
     if torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
         raise UnmanagedRecomputeError(
             "a dropkit dropout was recomputed during backward (activation checkpointing) "

@@ -191,15 +191,28 @@ def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
     Under :func:`dropkit.checkpoint` the forward pass records the keys it draws and the
     recomputation replays them, so recomputed masks equal the original ones.
     """
+    if torch.compiler.is_compiling():
+        # Traced: tensor ops only, so the advancing step is data, not a guard.
+        head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
+        key = torch.cat([head, step.reshape(1)])
+        step.add_(1)
+        return key
+
     from dropkit.engine import checkpoint  # late: checkpoint builds on this module
 
     replayed = checkpoint.replayed_key()
     if replayed is not None:
         return replayed
     checkpoint.refuse_unmanaged_recompute()
-    head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
-    key = torch.cat([head, step.reshape(1)])
-    step.add_(1)
+    if step.device.type == "cpu":
+        # Eager on the CPU, reading the counter is free and one tensor op builds the key.
+        value = int(step)
+        step.fill_(value + 1)
+        key = torch.tensor([effective_seed(), stream, value], dtype=torch.int64)
+    else:
+        head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
+        key = torch.cat([head, step.reshape(1)])
+        step.add_(1)
     checkpoint.record_key(key)
     return key
 
