@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,7 +45,39 @@ class _RandomLayer(nn.Module):
         return draw_key(self.rng_stream, self.rng_step).to(input.device)
 
 
-class _DropoutBase(_RandomLayer):
+class _UnaryRandomLayer(_RandomLayer):
+    """A layer of one input that wraps a functional op, called as
+    ``op(input, rate, training, inplace, *, seed=, generator=, **self._options())``."""
+
+    _functional: ClassVar[Callable[..., torch.Tensor]]
+    inplace: bool
+
+    def _rate(self) -> float:
+        raise NotImplementedError(f"{type(self).__name__} must define _rate")
+
+    def _options(self) -> dict[str, Any]:
+        """Keyword options of the functional op besides the rate and the randomness."""
+        return {}
+
+    def forward(
+        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Apply the layer; ``seed`` (int or key) or ``generator`` fix the randomness of this call."""
+        if self.training:
+            seed = self._key(input, seed, generator)
+        functional = type(self)._functional
+        return functional(
+            input,
+            self._rate(),
+            self.training,
+            self.inplace,
+            seed=seed,
+            generator=generator,
+            **self._options(),
+        )
+
+
+class _DropoutBase(_UnaryRandomLayer):
     """Holds and validates ``p`` and ``inplace``; subclasses add their own options."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
@@ -54,3 +87,20 @@ class _DropoutBase(_RandomLayer):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"
+
+    def _rate(self) -> float:
+        return self.p
+
+
+class _ChannelDropoutBase(_DropoutBase):
+    """Adds ``channels_last`` (the channel axis is the last one) to a channel-mask layer."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, channels_last: bool = False) -> None:
+        super().__init__(p, inplace)
+        self.channels_last = check_bool(channels_last, "channels_last")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
+
+    def _options(self) -> dict[str, Any]:
+        return {"channels_last": self.channels_last}

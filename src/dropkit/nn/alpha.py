@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from dropkit import functional as F
-from dropkit._validation import check_bool
-from dropkit.functional._common import SeedLike
-from dropkit.nn._base import _DropoutBase
+from dropkit.nn._base import _ChannelDropoutBase, _DropoutBase
 
 __all__ = ["AlphaDropout", "FeatureAlphaDropout"]
 
@@ -43,15 +39,10 @@ class AlphaDropout(_DropoutBase):
     Reference: Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017.
     """
 
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        return F.alpha_dropout(input, self.p, self.training, self.inplace, seed=seed, generator=generator)
+    _functional = staticmethod(F.alpha_dropout)
 
 
-class FeatureAlphaDropout(_DropoutBase):
+class FeatureAlphaDropout(_ChannelDropoutBase):
     r"""Alpha dropout of whole channels: one draw per (sample, channel), shared over space.
 
     The same correction as :class:`AlphaDropout`, with a channel mask as in
@@ -75,24 +66,4 @@ class FeatureAlphaDropout(_DropoutBase):
     Reference: Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017.
     """
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, channels_last: bool = False) -> None:
-        super().__init__(p, inplace)
-        self.channels_last = check_bool(channels_last, "channels_last")
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
-
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        return F.feature_alpha_dropout(
-            input,
-            self.p,
-            self.training,
-            self.inplace,
-            channels_last=self.channels_last,
-            seed=seed,
-            generator=generator,
-        )
+    _functional = staticmethod(F.feature_alpha_dropout)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import Any
 
 from dropkit import functional as F
 from dropkit._validation import check_bool, normalize_dims
-from dropkit.functional._common import SeedLike
-from dropkit.nn._base import _DropoutBase
+from dropkit.nn._base import _ChannelDropoutBase, _DropoutBase
 
 __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d"]
 
@@ -57,6 +55,8 @@ class Dropout(_DropoutBase):
     Overfitting", JMLR 2014; Hinton et al., arXiv:1207.0580, 2012.
     """
 
+    _functional = staticmethod(F.dropout)
+
     def __init__(
         self,
         p: float = 0.5,
@@ -78,33 +78,11 @@ class Dropout(_DropoutBase):
             extra += f", broadcast_dims={self.broadcast_dims}"
         return super().extra_repr() + extra
 
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        return F.dropout(
-            input,
-            self.p,
-            self.training,
-            self.inplace,
-            inverted=self.inverted,
-            broadcast_dims=self.broadcast_dims,
-            seed=seed,
-            generator=generator,
-        )
+    def _options(self) -> dict[str, Any]:
+        return {"inverted": self.inverted, "broadcast_dims": self.broadcast_dims}
 
 
-class _ChannelDropout(_DropoutBase):
-    def __init__(self, p: float = 0.5, inplace: bool = False, *, channels_last: bool = False) -> None:
-        super().__init__(p, inplace)
-        self.channels_last = check_bool(channels_last, "channels_last")
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
-
-
-class Dropout1d(_ChannelDropout):
+class Dropout1d(_ChannelDropoutBase):
     r"""Randomly zero whole channels of 1-D feature maps (spatial dropout).
 
     One Bernoulli draw per (sample, channel) is broadcast over the length axis; kept channels are
@@ -130,23 +108,10 @@ class Dropout1d(_ChannelDropout):
     Reference: Tompson et al., "Efficient Object Localization Using Convolutional Networks", CVPR 2015.
     """
 
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        return F.dropout1d(
-            input,
-            self.p,
-            self.training,
-            self.inplace,
-            channels_last=self.channels_last,
-            seed=seed,
-            generator=generator,
-        )
+    _functional = staticmethod(F.dropout1d)
 
 
-class Dropout2d(_ChannelDropout):
+class Dropout2d(_ChannelDropoutBase):
     r"""Randomly zero whole channels of 2-D feature maps (spatial dropout).
 
     One Bernoulli draw per (sample, channel) is broadcast over height and width; kept channels are
@@ -173,23 +138,10 @@ class Dropout2d(_ChannelDropout):
     Reference: Tompson et al., "Efficient Object Localization Using Convolutional Networks", CVPR 2015.
     """
 
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        return F.dropout2d(
-            input,
-            self.p,
-            self.training,
-            self.inplace,
-            channels_last=self.channels_last,
-            seed=seed,
-            generator=generator,
-        )
+    _functional = staticmethod(F.dropout2d)
 
 
-class Dropout3d(_ChannelDropout):
+class Dropout3d(_ChannelDropoutBase):
     r"""Randomly zero whole channels of 3-D feature maps (spatial dropout).
 
     One Bernoulli draw per (sample, channel) is broadcast over depth, height and width; kept
@@ -214,17 +166,4 @@ class Dropout3d(_ChannelDropout):
     Reference: Tompson et al., "Efficient Object Localization Using Convolutional Networks", CVPR 2015.
     """
 
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        return F.dropout3d(
-            input,
-            self.p,
-            self.training,
-            self.inplace,
-            channels_last=self.channels_last,
-            seed=seed,
-            generator=generator,
-        )
+    _functional = staticmethod(F.dropout3d)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from dropkit import functional as F
 from dropkit._validation import check_bool, check_nonnegative
-from dropkit.functional._common import SeedLike
-from dropkit.nn._base import _DropoutBase, _RandomLayer
+from dropkit.nn._base import _DropoutBase, _UnaryRandomLayer
 
 __all__ = ["GaussianDropout", "GaussianNoise"]
 
@@ -40,15 +37,10 @@ class GaussianDropout(_DropoutBase):
     Wang & Manning, "Fast dropout training", ICML 2013.
     """
 
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        return F.gaussian_dropout(input, self.p, self.training, self.inplace, seed=seed, generator=generator)
+    _functional = staticmethod(F.gaussian_dropout)
 
 
-class GaussianNoise(_RandomLayer):
+class GaussianNoise(_UnaryRandomLayer):
     r"""Add zero-mean Gaussian noise during training: :math:`y = x + \varepsilon`,
     :math:`\varepsilon \sim \mathcal{N}(0, \mathrm{std}^2)`.
 
@@ -71,6 +63,8 @@ class GaussianNoise(_RandomLayer):
     Reference: Bishop, "Training with Noise is Equivalent to Tikhonov Regularization", 1995.
     """
 
+    _functional = staticmethod(F.gaussian_noise)
+
     def __init__(self, std: float = 0.1, inplace: bool = False) -> None:
         super().__init__()
         self.std = check_nonnegative(std, "std")
@@ -79,9 +73,5 @@ class GaussianNoise(_RandomLayer):
     def extra_repr(self) -> str:
         return f"std={self.std}, inplace={self.inplace}"
 
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        return F.gaussian_noise(input, self.std, self.training, self.inplace, seed=seed, generator=generator)
+    def _rate(self) -> float:
+        return self.std
