@@ -84,6 +84,7 @@ BERNOULLI_SPECS = [
         shared_dims=(1, 2, 3),
         kwargs={"channels_last": True},
     ),
+    LayerSpec("DropPath", dropkit.nn.DropPath, F.drop_path, (256, 6, 4), shared_dims=(1, 2)),
     LayerSpec("AlphaDropout", dropkit.nn.AlphaDropout, F.alpha_dropout, (64, 48)),
     LayerSpec(
         "FeatureAlphaDropout",

@@ -7,6 +7,8 @@ from dropkit.functional.dropout import dropout as dropout
 from dropkit.functional.dropout import dropout1d as dropout1d
 from dropkit.functional.dropout import dropout2d as dropout2d
 from dropkit.functional.dropout import dropout3d as dropout3d
+from dropkit.functional.droppath import drop_path as drop_path
+from dropkit.functional.droppath import stochastic_depth_rates as stochastic_depth_rates
 from dropkit.functional.fused import bias_dropout_add as bias_dropout_add
 from dropkit.functional.gaussian import gaussian_dropout as gaussian_dropout
 from dropkit.functional.gaussian import gaussian_dropout_std as gaussian_dropout_std
@@ -16,6 +18,7 @@ __all__ = [
     "alpha_dropout",
     "alpha_dropout_coefficients",
     "bias_dropout_add",
+    "drop_path",
     "dropout",
     "dropout1d",
     "dropout2d",
@@ -24,4 +27,5 @@ __all__ = [
     "gaussian_dropout",
     "gaussian_dropout_std",
     "gaussian_noise",
+    "stochastic_depth_rates",
 ]

@@ -6,6 +6,9 @@ from dropkit.nn.dropout import Dropout as Dropout
 from dropkit.nn.dropout import Dropout1d as Dropout1d
 from dropkit.nn.dropout import Dropout2d as Dropout2d
 from dropkit.nn.dropout import Dropout3d as Dropout3d
+from dropkit.nn.droppath import DropPath as DropPath
+from dropkit.nn.droppath import LayerDrop as LayerDrop
+from dropkit.nn.droppath import StochasticDepth as StochasticDepth
 from dropkit.nn.fused import BiasDropoutAdd as BiasDropoutAdd
 from dropkit.nn.gaussian import GaussianDropout as GaussianDropout
 from dropkit.nn.gaussian import GaussianNoise as GaussianNoise
@@ -13,6 +16,7 @@ from dropkit.nn.gaussian import GaussianNoise as GaussianNoise
 __all__ = [
     "AlphaDropout",
     "BiasDropoutAdd",
+    "DropPath",
     "Dropout",
     "Dropout1d",
     "Dropout2d",
@@ -20,4 +24,6 @@ __all__ = [
     "FeatureAlphaDropout",
     "GaussianDropout",
     "GaussianNoise",
+    "LayerDrop",
+    "StochasticDepth",
 ]

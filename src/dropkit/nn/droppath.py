@@ -1,0 +1,222 @@
+"""DropPath (stochastic depth), a residual wrapper that skips dropped branches, and LayerDrop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dropkit._validation import check_probability
+from dropkit.engine.masks import keep_mask
+from dropkit.engine.streams import share_masks_across_ranks
+from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional.droppath import check_batch_dim, check_mode
+from dropkit.functional.droppath import drop_path as F_drop_path
+from dropkit.nn._base import _DropoutBase, _RandomLayer
+
+__all__ = ["DropPath", "LayerDrop", "StochasticDepth"]
+
+
+class DropPath(_DropoutBase):
+    r"""Randomly drop whole samples (residual paths) with probability ``p`` during training.
+
+    Stochastic depth: put it on the residual branch of a block, ``x + DropPath(p)(f(x))``, so
+    that for each sample the branch is dropped with probability ``p`` and the block reduces to the
+    identity.  In row mode one draw :math:`r_n \sim \mathrm{Bernoulli}(q)`, :math:`q = 1 - p`, is
+    made per index :math:`n` along ``batch_dim`` and shared over every other dim:
+
+    .. math::
+        y_{n,\dots} = \frac{r_n}{q}\, x_{n,\dots} \quad\text{(training)}, \qquad y = x \quad\text{(eval)},
+
+    so the expectation of the output is preserved, as in inverted dropout (Huang et al. scale the
+    branch by :math:`q` at test time instead; the two are equivalent up to that rescaling).  In
+    batch mode a single draw drops or keeps the whole tensor (the original per-mini-batch
+    formulation of Huang et al.; "local" drop-path of FractalNet drops per sample).  ``p = 1``
+    gives exact zeros, never NaN.
+
+    The mask comes from dropkit's counter-based engine (a ``broadcast_dims`` dropout): backward
+    regenerates it from the 3-word key and keeps no per-element memory.
+
+    Args:
+        p: probability of a sample's (or, in batch mode, the whole tensor's) path being dropped,
+            in ``[0, 1]``. Default: 0.1
+        inplace: write the result into the input. Default: ``False``
+        mode: ``"row"`` (one draw per sample) or ``"batch"`` (one draw for the tensor).
+            Default: ``"row"``
+        batch_dim: the sample dim of row mode, e.g. ``1`` for time-first ``(T, N, E)`` input.
+            Default: 0
+
+    Shape:
+        - Input: :math:`(*)`, any shape; row mode needs at least one dim (the batch dim).
+        - Output: :math:`(*)`, same shape as the input.
+
+    Examples::
+
+        >>> import torch, dropkit
+        >>> from dropkit.nn.droppath import DropPath
+        >>> dropkit.manual_seed(0)
+        >>> m = DropPath(p=0.5)
+        >>> y = m(torch.ones(8, 3, 4))
+        >>> per_sample = y.flatten(1)
+        >>> bool(((per_sample == 0).all(1) | (per_sample == 2).all(1)).all())  # whole rows 0 or x / q
+        True
+        >>> m.eval()(y) is y  # eval mode is the identity
+        True
+
+    Per call, ``m(x, seed=123)`` or ``m(x, generator=g)`` fix the mask explicitly.
+
+    References: Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016; Larsson et al.,
+    "FractalNet: Ultra-Deep Neural Networks without Residuals", ICLR 2017.
+    """
+
+    _functional = staticmethod(F_drop_path)
+
+    def __init__(
+        self, p: float = 0.1, inplace: bool = False, *, mode: str = "row", batch_dim: int = 0
+    ) -> None:
+        super().__init__(p, inplace)
+        self.mode = check_mode(mode)
+        self.batch_dim = check_batch_dim(batch_dim)  # range checked per call, against the input
+
+    def extra_repr(self) -> str:
+        extra = "" if self.mode == "row" else f", mode={self.mode!r}"
+        if self.batch_dim != 0:
+            extra += f", batch_dim={self.batch_dim}"
+        return super().extra_repr() + extra
+
+    def _options(self) -> dict[str, Any]:
+        return {"mode": self.mode, "batch_dim": self.batch_dim}
+
+
+class StochasticDepth(_RandomLayer):
+    r"""A residual block with a randomly dropped branch: ``x + DropPath(p, mode=mode)(block(x))``.
+
+    ``block`` is the residual *branch* only (the identity shortcut is added here), and must
+    return a tensor of the input's shape.  In training the branch output is dropped per sample
+    (``mode="row"``) or for the whole batch (``mode="batch"``) with probability ``p`` and kept
+    branches are scaled by :math:`1/q`; in eval the block computes ``x + block(x)``.
+
+    In batch mode the key of the call is drawn first and the single keep/drop decision is read
+    from it, so when the branch is dropped ``block`` is not run at all (saving its forward and
+    backward) and the output is ``x + 0``; the result, the gradient and the next masks are the
+    same as if the branch had been computed and then zeroed.  The decision is read on the host
+    (a device sync, and a graph break under ``torch.compile``, where the branch is always
+    computed instead).  Row mode always runs the branch on the whole batch.
+
+    Args:
+        block: the residual branch, a module mapping the input to a tensor of the same shape.
+        p: probability of the branch being dropped, in ``[0, 1]``.
+        mode: ``"row"`` (one draw per sample along dim 0) or ``"batch"`` (one draw per call).
+            Default: ``"row"``
+
+    Examples::
+
+        >>> from dropkit.nn.droppath import StochasticDepth
+        >>> block = StochasticDepth(torch.nn.Linear(4, 4), p=0.2, mode="batch")
+        >>> block(torch.randn(3, 4)).shape
+        torch.Size([3, 4])
+
+    Reference: Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016.
+    """
+
+    def __init__(self, block: nn.Module, p: float, *, mode: str = "row") -> None:
+        super().__init__()
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
+        self.block = block
+        self.p = check_probability(p)
+        self.mode = check_mode(mode)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}" + ("" if self.mode == "row" else f", mode={self.mode!r}")
+
+    def forward(
+        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``input + drop_path(block(input))``; ``seed`` or ``generator`` fix the randomness of this call."""
+        if not self.training:
+            return input + self.block(input)
+        key = resolve_key(input, self._key(input, seed, generator), generator)
+        if (
+            self.mode == "batch"
+            and not torch.compiler.is_compiling()
+            and not bool(keep_mask(key, self.p, [1]).item())
+        ):
+            return input + 0.0  # what input + (dropped branch) gives, without running the branch
+        return input + F_drop_path(self.block(input), self.p, True, mode=self.mode, seed=key)
+
+
+class LayerDrop(_RandomLayer):
+    r"""Apply ``layers`` in order, skipping each one with probability ``p`` during training.
+
+    LayerDrop (Fan et al., 2019): in each training forward, layer :math:`l` is applied with
+    probability :math:`q = 1 - p` and otherwise skipped (it acts as the identity; outputs are not
+    rescaled).  One draw per layer per forward comes from this module's key; in eval every layer
+    is applied.  Each layer must map a tensor to a tensor of the same shape.
+
+    The draws are made with :func:`dropkit.share_masks_across_ranks` active, so with the same
+    global seed (and the same number of training forwards) every ``torch.distributed`` rank skips
+    the same layers; an explicit ``seed=`` int is also rank-independent, a ``generator=`` is
+    only if every rank seeds it alike.  The parameters of a skipped layer then receive no
+    gradient in that step on *any* rank.  ``DistributedDataParallel`` expects every parameter to
+    receive a gradient in every iteration unless it is built with ``find_unused_parameters=True``;
+    and since the set of skipped layers changes from step to step, the graph is not static, so do
+    not pass ``static_graph=True``.  dropkit's tests check that the decisions do not depend on the
+    rank; they do not run ``DistributedDataParallel`` with this module.
+
+    Args:
+        layers: the layers, applied in the order given (a ``ModuleList`` or any iterable of
+            modules, at least one).
+        p: probability of each layer being skipped, in ``[0, 1]``.
+
+    Examples::
+
+        >>> from dropkit.nn.droppath import LayerDrop
+        >>> stack = LayerDrop([torch.nn.Linear(4, 4) for _ in range(6)], p=0.2)
+        >>> stack(torch.randn(3, 4)).shape
+        torch.Size([3, 4])
+
+    Reference: Fan, Grave, Joulin, "Reducing Transformer Depth on Demand with Structured
+    Dropout", ICLR 2020 (arXiv:1909.11556).
+    """
+
+    def __init__(self, layers: Iterable[nn.Module], p: float) -> None:
+        super().__init__()
+        if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+            raise TypeError(f"layers must be an iterable of modules, got a single {type(layers).__name__}")
+        modules = list(layers)
+        for index, layer in enumerate(modules):
+            if not isinstance(layer, nn.Module):
+                raise TypeError(f"layers[{index}] must be a torch.nn.Module, got {type(layer).__name__}")
+        if not modules:
+            raise ValueError("layers must hold at least one module, got none")
+        self.layers = nn.ModuleList(modules)
+        self.p = check_probability(p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def kept_layers(
+        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
+    ) -> list[bool]:
+        """Draw this training forward's decisions (advancing the step): ``True`` = layer applied."""
+        with share_masks_across_ranks():
+            key = resolve_key(input, self._key(input, seed, generator), generator)
+        kept: list[bool] = keep_mask(key, self.p, [len(self.layers)]).tolist()
+        return kept
+
+    def forward(
+        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Apply the kept layers; ``seed`` or ``generator`` fix the randomness of this call."""
+        if self.training:
+            kept = self.kept_layers(input, seed=seed, generator=generator)
+        else:
+            kept = [True] * len(self.layers)
+        output = input
+        for layer, keep in zip(self.layers, kept, strict=True):
+            if keep:
+                output = layer(output)
+        return output

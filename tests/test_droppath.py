@@ -1,0 +1,391 @@
+"""DropPath / stochastic depth, StochasticDepth residual wrapper, LayerDrop and rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dropkit
+from dropkit.engine import streams
+from dropkit.engine.masks import realised_drop_probability
+from dropkit.functional.droppath import drop_path, stochastic_depth_rates
+from dropkit.nn.droppath import DropPath, LayerDrop, StochasticDepth
+from tests.conftest import binomial_tolerance
+
+
+def _rows_dropped(y: torch.Tensor, x: torch.Tensor, p: float, batch_dim: int = 0) -> torch.Tensor:
+    """Per-sample flags (True = dropped), asserting every sample is all zero or exactly x / q."""
+    y_rows = y.movedim(batch_dim, 0).flatten(1)
+    expected = (x / (1.0 - p)).movedim(batch_dim, 0).flatten(1)
+    dropped = (y_rows == 0).all(1)
+    kept = torch.isclose(y_rows, expected, rtol=1e-6, atol=0.0).all(1)
+    assert bool((dropped ^ kept).all()), "each sample must be all zero or all x / q"
+    return dropped
+
+
+# --- functional -------------------------------------------------------------------------------
+
+
+def test_row_mode_drops_whole_samples() -> None:
+    x = torch.rand(64, 3, 5) + 0.5  # no zeros, so a kept sample is never all zero
+    y = drop_path(x, 0.3, seed=1)
+    dropped = _rows_dropped(y, x, 0.3)
+    assert 0 < int(dropped.sum()) < 64
+
+
+def test_row_drop_rate_within_six_sigma() -> None:
+    n, p = 40_000, 0.3
+    y = drop_path(torch.ones(n, 4), p, seed=2)
+    rate = float((y == 0).all(1).double().mean())
+    assert abs(rate - realised_drop_probability(p)) <= binomial_tolerance(p, n)
+
+
+def test_expectation_of_output_and_gradient_is_preserved() -> None:
+    # Fill with q: kept entries become exactly 1 and dropped ones 0, so the mean is a binomial
+    # frequency with expectation q, the input value.  Same trick for the gradient.
+    n, p = 40_000, 0.25
+    q = 1.0 - p
+    x = torch.full((n, 3), q, requires_grad=True)
+    y = drop_path(x, p, seed=3)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    tol = binomial_tolerance(q, n)
+    assert abs(float(y.detach()[:, 0].double().mean()) - q) <= tol
+    y.backward(torch.full_like(y, q))
+    assert x.grad is not None
+    assert torch.equal(x.grad, y.detach()), "backward must regenerate the forward mask"
+    assert abs(float(x.grad[:, 0].double().mean()) - q) <= tol
+
+
+def test_batch_mode_makes_one_draw() -> None:
+    p, calls = 0.4, 3000
+    x = torch.rand(4, 6) + 0.5
+    dropped = 0
+    for seed in range(calls):
+        y = drop_path(x, p, mode="batch", seed=seed)
+        if bool((y == 0).all()):
+            dropped += 1
+        else:
+            torch.testing.assert_close(y, x / (1 - p), rtol=1e-6, atol=0.0)
+    assert abs(dropped / calls - realised_drop_probability(p)) <= binomial_tolerance(p, calls)
+
+
+def test_batch_mode_on_a_scalar() -> None:
+    x = torch.tensor(2.0)
+    outs = {float(drop_path(x, 0.5, mode="batch", seed=s)) for s in range(64)}
+    assert outs == {0.0, 4.0}
+
+
+@pytest.mark.parametrize("batch_dim", [1, -2])
+def test_batch_dim_other_than_zero(batch_dim: int) -> None:
+    x = torch.rand(5, 64, 3) + 0.5  # time-first (T, N, E)
+    y = drop_path(x, 0.5, batch_dim=batch_dim, seed=4)
+    dropped = _rows_dropped(y, x, 0.5, batch_dim=1)
+    assert 0 < int(dropped.sum()) < 64
+    assert torch.equal(y, drop_path(x, 0.5, batch_dim=1, seed=4))
+
+
+def test_extremes_and_eval() -> None:
+    x = torch.tensor([[float("inf"), 1.0], [float("nan"), -2.0]], requires_grad=True)
+    y = drop_path(x, 1.0)
+    assert torch.equal(y, torch.zeros(2, 2)), "p = 1 gives exact zeros, never NaN"
+    y.sum().backward()
+    assert x.grad is not None
+    assert torch.equal(x.grad, torch.zeros(2, 2))
+    z = torch.randn(3, 2)
+    assert drop_path(z, 0.0) is z
+    assert drop_path(z, 0.9, training=False) is z
+    assert drop_path(z, 0.9, False, mode="batch") is z
+
+
+def test_inplace_writes_into_input() -> None:
+    x = torch.rand(16, 3) + 0.5
+    expected = drop_path(x, 0.5, seed=5)
+    y = drop_path(x, 0.5, inplace=True, seed=5)
+    assert y is x
+    assert torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_gradcheck_float64(mode: str) -> None:
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    for seed in (11, 12):  # the batch draw may drop or keep; both are linear maps
+
+        def fn(inp: torch.Tensor, seed: int = seed) -> torch.Tensor:
+            return drop_path(inp, 0.5, mode=mode, seed=seed)
+
+        assert torch.autograd.gradcheck(fn, (x,))
+        assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_backward_keeps_only_the_key(mode: str) -> None:
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(32, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = DropPath(0.3, mode=mode)(x)
+    y.sum().backward()
+    assert sum(saved) <= 24, f"saved {saved} bytes: only the 3-word key may be kept"
+
+
+@pytest.mark.parametrize(("mode", "batch_dim"), [("row", 0), ("row", 1), ("batch", 0)])
+def test_functional_equals_module(mode: str, batch_dim: int) -> None:
+    x = torch.randn(8, 8, 3)
+    m = DropPath(0.5, mode=mode, batch_dim=batch_dim)
+    assert torch.equal(m(x, seed=7), drop_path(x, 0.5, mode=mode, batch_dim=batch_dim, seed=7))
+    # The module's own draws use its stream and step: key [seed, stream, step].
+    for step in range(3):
+        key = dropkit.make_key(1234, m.rng_stream, step)
+        assert torch.equal(m(x), drop_path(x, 0.5, mode=mode, batch_dim=batch_dim, seed=key))
+    assert m.eval()(x) is x
+
+
+def test_module_repr() -> None:
+    assert repr(DropPath(0.2)) == "DropPath(p=0.2, inplace=False)"
+    assert repr(DropPath(0.2, mode="batch", batch_dim=1)) == (
+        "DropPath(p=0.2, inplace=False, mode='batch', batch_dim=1)"
+    )
+    assert "p=0.3, mode='batch'" in repr(StochasticDepth(nn.Identity(), 0.3, mode="batch"))
+    assert "p=0.1" in repr(LayerDrop([nn.Identity()], 0.1))
+
+
+# --- StochasticDepth --------------------------------------------------------------------------
+
+
+class _Counting(nn.Module):
+    """A residual branch that counts its calls."""
+
+    def __init__(self, features: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(x)
+
+
+def test_stochastic_depth_batch_mode_skips_dropped_branches() -> None:
+    branch = _Counting()
+    sd = StochasticDepth(branch, 0.5, mode="batch")
+    x = torch.randn(3, 4)
+    kept = 0
+    for seed in range(200):
+        x_ = x.clone().requires_grad_(True)
+        y = sd(x_, seed=seed)
+        x_ref = x.clone().requires_grad_(True)
+        with torch.no_grad():
+            branch_out = branch.linear(x)
+        is_kept = not bool((drop_path(branch_out, 0.5, mode="batch", seed=seed) == 0).all())
+        kept += is_kept
+        assert branch.calls == kept, "the branch must run exactly when it is kept"
+        ref = x_ref + drop_path(branch.linear(x_ref), 0.5, mode="batch", seed=seed)
+        assert torch.equal(y, ref)
+        y.sum().backward()
+        ref.sum().backward()
+        assert x_.grad is not None
+        assert x_ref.grad is not None
+        assert torch.equal(x_.grad, x_ref.grad)
+    assert 50 < kept < 150
+
+
+def test_stochastic_depth_module_keys_match_computed_path() -> None:
+    branch = _Counting()
+    sd = StochasticDepth(branch, 0.5, mode="batch")
+    x = torch.randn(3, 4)
+    for step in range(40):
+        key = dropkit.make_key(1234, sd.rng_stream, step)
+        with torch.no_grad():
+            expected = x + drop_path(branch.linear(x), 0.5, mode="batch", seed=key)
+            assert torch.equal(sd(x), expected)
+    assert int(sd.rng_step) == 40, "a skipped branch still advances the step"
+    assert 0 < branch.calls < 40
+
+
+def test_stochastic_depth_row_mode_and_eval() -> None:
+    branch = _Counting()
+    sd = StochasticDepth(branch, 0.5)
+    x = torch.randn(32, 4)
+    with torch.no_grad():
+        y = sd(x, seed=9)
+        assert torch.equal(y, x + drop_path(branch.linear(x), 0.5, seed=9))
+        sd.eval()
+        assert torch.equal(sd(x), x + branch.linear(x))
+    assert branch.calls == 2
+
+
+def test_stochastic_depth_extremes() -> None:
+    branch = _Counting()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.equal(StochasticDepth(branch, 1.0, mode="batch")(x), x)
+        assert branch.calls == 0
+        assert torch.equal(StochasticDepth(branch, 1.0)(x), x)
+        assert torch.equal(StochasticDepth(branch, 0.0, mode="batch")(x), x + branch.linear(x))
+
+
+# --- LayerDrop --------------------------------------------------------------------------------
+
+
+class _AddOne(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x + 1
+
+
+def test_layerdrop_skip_frequency_and_eval() -> None:
+    p, n_layers, forwards = 0.3, 8, 500
+    layers = [_AddOne() for _ in range(n_layers)]
+    stack = LayerDrop(layers, p)
+    x = torch.zeros(2)
+    applied = 0
+    for _ in range(forwards):
+        y = stack(x)
+        applied += int(y[0])
+    assert applied == sum(layer.calls for layer in layers)
+    n = n_layers * forwards
+    q = 1.0 - realised_drop_probability(p)
+    assert abs(applied / n - q) <= binomial_tolerance(q, n)
+    assert all(0 < layer.calls < forwards for layer in layers), "each layer draws on its own"
+    stack.eval()
+    assert torch.equal(stack(x), x + n_layers)
+
+
+def test_layerdrop_decisions_follow_the_key() -> None:
+    stack = LayerDrop([_AddOne() for _ in range(6)], 0.5)
+    x = torch.zeros(1)
+    assert torch.equal(stack(x, seed=3), stack(x, seed=3))
+    keys = [dropkit.make_key(1234, stack.rng_stream, step) for step in range(4)]
+    expected = [stack.kept_layers(x, seed=key) for key in keys]
+    assert int(stack.rng_step) == 0, "explicit seeds do not advance the step"
+    for kept in expected:
+        assert torch.equal(stack(x), torch.full((1,), float(sum(kept))))
+    assert int(stack.rng_step) == 4
+
+
+def test_layerdrop_decisions_ignore_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = LayerDrop([_AddOne() for _ in range(16)], 0.5)
+    x = torch.zeros(1)
+    rank0 = [stack.kept_layers(x) for _ in range(4)]
+    rank0_seed = streams.effective_seed()
+    monkeypatch.setattr(streams, "_distributed_rank", lambda: 3)
+    assert streams.effective_seed() != rank0_seed, "the patch must make this process look like rank 3"
+    stack.reset_rng_step()
+    assert [stack.kept_layers(x) for _ in range(4)] == rank0
+
+
+def test_layerdrop_accepts_module_list_and_sequential() -> None:
+    for container in (nn.ModuleList([_AddOne(), _AddOne()]), nn.Sequential(_AddOne(), _AddOne())):
+        stack = LayerDrop(container, 0.0)
+        assert torch.equal(stack(torch.zeros(1)), torch.full((1,), 2.0))
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+
+def test_stochastic_depth_rates() -> None:
+    assert stochastic_depth_rates(4, 0.5) == [0.125, 0.25, 0.375, 0.5]
+    # Huang et al.: ResNet-110 (54 blocks) with p_L = 0.5: first block 0.5 / 54, last 0.5.
+    huang = stochastic_depth_rates(54, 0.5)
+    assert math.isclose(huang[0], 0.5 / 54)
+    assert huang[-1] == 0.5
+    assert stochastic_depth_rates(5, 0.2, rule="linear_from_zero") == pytest.approx(
+        [0.0, 0.05, 0.1, 0.15, 0.2]
+    )
+    assert stochastic_depth_rates(12, 0.1, rule="linear_from_zero") == pytest.approx(
+        torch.linspace(0, 0.1, 12).tolist()
+    )
+    assert stochastic_depth_rates(1, 0.3) == [0.3]
+    assert stochastic_depth_rates(1, 0.3, rule="linear_from_zero") == [0.0]
+    assert stochastic_depth_rates(3, 0.2, rule="uniform") == [0.2, 0.2, 0.2]
+    assert stochastic_depth_rates(3, 0.0) == [0.0, 0.0, 0.0]
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mode": "col"}, ValueError, "'col'"),
+        ({"mode": 3}, ValueError, "mode"),
+        ({"batch_dim": 2}, ValueError, "batch_dim"),
+        ({"batch_dim": -3}, ValueError, "batch_dim"),
+        ({"batch_dim": True}, TypeError, "batch_dim"),
+        ({"batch_dim": 0.0}, TypeError, "batch_dim"),
+        ({"p": 1.5}, ValueError, r"p must be in \[0, 1\]"),
+        ({"p": -0.1}, ValueError, "p must"),
+        ({"p": float("nan")}, ValueError, "NaN"),
+        ({"p": "0.1"}, TypeError, "p must be a float"),
+        ({"training": 1}, TypeError, "training"),
+        ({"inplace": None}, TypeError, "inplace"),
+        ({"seed": 1, "generator": torch.Generator()}, ValueError, "at most one"),
+    ],
+)
+def test_drop_path_bad_arguments(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        drop_path(torch.randn(4, 3), **kwargs)  # type: ignore[arg-type]
+
+
+def test_drop_path_bad_input() -> None:
+    with pytest.raises(ValueError, match="0-D"):
+        drop_path(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="floating-point"):
+        drop_path(torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        drop_path([1.0, 2.0])  # type: ignore[arg-type]
+
+
+def test_module_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="'col'"):
+        DropPath(0.1, mode="col")
+    with pytest.raises(TypeError, match="batch_dim"):
+        DropPath(0.1, batch_dim="0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="p must"):
+        DropPath(1.1)
+    with pytest.raises(ValueError, match="batch_dim"):
+        DropPath(0.1, batch_dim=5)(torch.randn(2, 3))
+    with pytest.raises(TypeError, match="block"):
+        StochasticDepth(lambda x: x, 0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="p must"):
+        StochasticDepth(nn.Identity(), 2.0)
+    with pytest.raises(ValueError, match="'sample'"):
+        StochasticDepth(nn.Identity(), 0.1, mode="sample")
+    with pytest.raises(ValueError, match="at least one"):
+        LayerDrop([], 0.1)
+    with pytest.raises(TypeError, match=r"layers\[1\]"):
+        LayerDrop([nn.Identity(), "relu"], 0.1)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="single Linear"):
+        LayerDrop(nn.Linear(2, 2), 0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="p must"):
+        LayerDrop([nn.Identity()], -0.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((0, 0.1), {}, ValueError, "num_blocks must be >= 1"),
+        ((1.5, 0.1), {}, TypeError, "num_blocks must be an int"),
+        ((True, 0.1), {}, TypeError, "num_blocks must be an int"),
+        ((4, -0.1), {}, ValueError, "max_rate"),
+        ((4, 2), {}, ValueError, "max_rate"),
+        ((4, None), {}, TypeError, "max_rate"),
+        ((4, 0.1), {"rule": "cosine"}, ValueError, "'cosine'"),
+    ],
+)
+def test_stochastic_depth_rates_bad_arguments(
+    args: tuple[object, ...], kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        stochastic_depth_rates(*args, **kwargs)  # type: ignore[arg-type]
