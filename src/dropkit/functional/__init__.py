@@ -3,6 +3,10 @@
 from dropkit.functional.alpha import alpha_dropout as alpha_dropout
 from dropkit.functional.alpha import alpha_dropout_coefficients as alpha_dropout_coefficients
 from dropkit.functional.alpha import feature_alpha_dropout as feature_alpha_dropout
+from dropkit.functional.dropblock import drop_block as drop_block
+from dropkit.functional.dropblock import drop_block1d as drop_block1d
+from dropkit.functional.dropblock import drop_block2d as drop_block2d
+from dropkit.functional.dropblock import drop_block3d as drop_block3d
 from dropkit.functional.dropout import dropout as dropout
 from dropkit.functional.dropout import dropout1d as dropout1d
 from dropkit.functional.dropout import dropout2d as dropout2d
@@ -18,6 +22,10 @@ __all__ = [
     "alpha_dropout",
     "alpha_dropout_coefficients",
     "bias_dropout_add",
+    "drop_block",
+    "drop_block1d",
+    "drop_block2d",
+    "drop_block3d",
     "drop_path",
     "dropout",
     "dropout1d",

@@ -2,6 +2,9 @@
 
 from dropkit.nn.alpha import AlphaDropout as AlphaDropout
 from dropkit.nn.alpha import FeatureAlphaDropout as FeatureAlphaDropout
+from dropkit.nn.dropblock import DropBlock1d as DropBlock1d
+from dropkit.nn.dropblock import DropBlock2d as DropBlock2d
+from dropkit.nn.dropblock import DropBlock3d as DropBlock3d
 from dropkit.nn.dropout import Dropout as Dropout
 from dropkit.nn.dropout import Dropout1d as Dropout1d
 from dropkit.nn.dropout import Dropout2d as Dropout2d
@@ -16,6 +19,9 @@ from dropkit.nn.gaussian import GaussianNoise as GaussianNoise
 __all__ = [
     "AlphaDropout",
     "BiasDropoutAdd",
+    "DropBlock1d",
+    "DropBlock2d",
+    "DropBlock3d",
     "DropPath",
     "Dropout",
     "Dropout1d",

@@ -1,0 +1,223 @@
+"""DropBlock (Ghiasi et al. 2018) as functions; documentation lives on :mod:`dropkit.nn.dropblock`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as TF
+
+from dropkit._validation import check_bool, check_probability, check_rank
+from dropkit.engine.masks import keep_mask
+from dropkit.functional._common import SeedLike, check_common, drop_everything, finish, resolve_key
+
+__all__ = ["drop_block", "drop_block1d", "drop_block2d", "drop_block3d"]
+
+_LETTERS = {1: "L", 2: "HW", 3: "DHW"}
+_MAX_POOLS = {1: TF.max_pool1d, 2: TF.max_pool2d, 3: TF.max_pool3d}
+
+
+def _check_block_size(block_size: object) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__} ({block_size!r})")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def _check_spatial_rank(spatial_rank: object) -> int:
+    if isinstance(spatial_rank, bool) or not isinstance(spatial_rank, int):
+        raise TypeError(f"spatial_rank must be an int, got {type(spatial_rank).__name__} ({spatial_rank!r})")
+    if spatial_rank not in (1, 2, 3):
+        raise ValueError(f"spatial_rank must be 1, 2 or 3, got {spatial_rank!r}")
+    return spatial_rank
+
+
+def block_geometry(feature: Sequence[int], block_size: int) -> tuple[list[int], list[int]]:
+    """Per-axis block sizes (``block_size`` clamped to each axis) and valid-region (seed) sizes."""
+    blocks = [min(block_size, int(size)) for size in feature]
+    valid = [int(size) - block + 1 for size, block in zip(feature, blocks, strict=True)]
+    return blocks, valid
+
+
+def seed_rate(p: float, feature: Sequence[int], block_size: int) -> float:
+    """The paper's seed probability, per axis for non-square maps, clipped to ``[0, 1]``:
+    ``gamma = p / prod(bs_i) * prod(feat_i / (feat_i - bs_i + 1))``."""
+    blocks, valid = block_geometry(feature, block_size)
+    gamma = p / math.prod(blocks) * math.prod(size / v for size, v in zip(feature, valid, strict=True))
+    return min(max(gamma, 0.0), 1.0)
+
+
+def block_keep_mask(seeds: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
+    """Float32 keep mask (1 = kept) of shape ``(*lead, *feature)`` from a seed map ``(*lead, *valid)``.
+
+    A seed at valid position ``i`` drops ``[i, i + bs)`` on every axis, so blocks never hang off
+    the map: padding ``bs - 1`` zeros on both sides of each axis and max-pooling with window
+    ``bs`` and stride 1 gives, at output ``j``, the maximum over seeds ``j - bs + 1 .. j``; the
+    output size is ``valid + 2 (bs - 1) - bs + 1 = feature`` for odd and even ``bs`` alike.
+    """
+    rank = len(blocks)
+    lead = seeds.shape[: seeds.dim() - rank]
+    valid = seeds.shape[seeds.dim() - rank :]
+    feature = [v + b - 1 for v, b in zip(valid, blocks, strict=True)]
+    flat = seeds.reshape(-1, 1, *valid).to(torch.float32)
+    padding: list[int] = []
+    for block in reversed(blocks):  # F.pad lists the last axis first
+        padding += [block - 1, block - 1]
+    padded = TF.pad(flat, padding) if any(padding) else flat
+    dropped = _MAX_POOLS[rank](padded, kernel_size=tuple(blocks), stride=1)
+    return (1.0 - dropped).reshape(*lead, *feature)
+
+
+def drop_block(
+    input: torch.Tensor,
+    p: float = 0.1,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    block_size: int = 7,
+    spatial_rank: int = 2,
+    channels_last: bool = False,
+    shared_channels: bool = False,
+    per_sample_renorm: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Drop contiguous ``block_size`` blocks of feature maps; see :class:`dropkit.nn.dropblock.DropBlock2d`.
+
+    ``input`` is ``(N, C, *spatial)`` or unbatched ``(C, *spatial)`` with ``spatial_rank`` spatial
+    axes (``(N, *spatial, C)`` with ``channels_last``); ``seed`` (an int or a key from
+    :func:`dropkit.make_key`) or ``generator`` fix the mask for this call.
+    """
+    input = check_common(input, training, inplace)
+    p = check_probability(p)
+    block_size = _check_block_size(block_size)
+    rank = _check_spatial_rank(spatial_rank)
+    check_bool(channels_last, "channels_last")
+    check_bool(shared_channels, "shared_channels")
+    check_bool(per_sample_renorm, "per_sample_renorm")
+    letters = ", ".join(_LETTERS[rank])
+    layout = f"(N, {letters}, C)" if channels_last else f"(N, C, {letters})"
+    check_rank(input, (rank + 2, rank + 1), f"drop_block{rank}d", f"{layout} or unbatched")
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if p == 1.0:
+        return drop_everything(input, inplace)
+    key = resolve_key(input, seed, generator)
+
+    batched = input.dim() == rank + 2
+    x = input if batched else input.unsqueeze(0)
+    if channels_last:
+        x = x.movedim(-1, 1)
+    n, c, *feature = x.shape
+    blocks, valid = block_geometry(feature, block_size)
+    gamma = seed_rate(p, feature, block_size)
+    seeds = ~keep_mask(key, gamma, [n, 1 if shared_channels else c, *valid])
+    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    mask = block_keep_mask(seeds, blocks).to(compute)
+
+    if per_sample_renorm:
+        kept = mask.sum(dim=tuple(range(1, mask.dim())), keepdim=True, dtype=torch.float64)
+        count = mask[0].numel()
+    else:
+        kept = mask.sum(dtype=torch.float64)
+        count = mask.numel()
+    # All dropped (kept == 0) gives scale 0, never a division by zero.
+    scale = torch.where(kept > 0, count / kept.clamp_min(1.0), torch.zeros_like(kept)).to(compute)
+    factor = mask * scale
+    # where (not x * 0) so that dropped units are exact zeros even for inf / NaN input.
+    output = torch.where(factor > 0, x.to(compute) * factor, torch.zeros((), dtype=compute, device=x.device))
+    output = output.to(input.dtype)
+    if channels_last:
+        output = output.movedim(1, -1)
+    if not batched:
+        output = output.squeeze(0)
+    return finish(input, output, inplace)
+
+
+def drop_block1d(
+    input: torch.Tensor,
+    p: float = 0.1,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    block_size: int = 7,
+    channels_last: bool = False,
+    shared_channels: bool = False,
+    per_sample_renorm: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DropBlock on ``(N, C, L)`` / ``(C, L)``; see :class:`dropkit.nn.dropblock.DropBlock1d`."""
+    return drop_block(
+        input,
+        p,
+        training,
+        inplace,
+        block_size=block_size,
+        spatial_rank=1,
+        channels_last=channels_last,
+        shared_channels=shared_channels,
+        per_sample_renorm=per_sample_renorm,
+        seed=seed,
+        generator=generator,
+    )
+
+
+def drop_block2d(
+    input: torch.Tensor,
+    p: float = 0.1,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    block_size: int = 7,
+    channels_last: bool = False,
+    shared_channels: bool = False,
+    per_sample_renorm: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DropBlock on ``(N, C, H, W)`` / ``(C, H, W)``; see :class:`dropkit.nn.dropblock.DropBlock2d`."""
+    return drop_block(
+        input,
+        p,
+        training,
+        inplace,
+        block_size=block_size,
+        spatial_rank=2,
+        channels_last=channels_last,
+        shared_channels=shared_channels,
+        per_sample_renorm=per_sample_renorm,
+        seed=seed,
+        generator=generator,
+    )
+
+
+def drop_block3d(
+    input: torch.Tensor,
+    p: float = 0.1,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    block_size: int = 7,
+    channels_last: bool = False,
+    shared_channels: bool = False,
+    per_sample_renorm: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DropBlock on ``(N, C, D, H, W)`` / ``(C, D, H, W)``; see :class:`dropkit.nn.dropblock.DropBlock3d`."""
+    return drop_block(
+        input,
+        p,
+        training,
+        inplace,
+        block_size=block_size,
+        spatial_rank=3,
+        channels_last=channels_last,
+        shared_channels=shared_channels,
+        per_sample_renorm=per_sample_renorm,
+        seed=seed,
+        generator=generator,
+    )
