@@ -3,6 +3,7 @@
 from dropkit.functional.alpha import alpha_dropout as alpha_dropout
 from dropkit.functional.alpha import alpha_dropout_coefficients as alpha_dropout_coefficients
 from dropkit.functional.alpha import feature_alpha_dropout as feature_alpha_dropout
+from dropkit.functional.concrete import concrete_dropout as concrete_dropout
 from dropkit.functional.dropblock import drop_block as drop_block
 from dropkit.functional.dropblock import drop_block1d as drop_block1d
 from dropkit.functional.dropblock import drop_block2d as drop_block2d
@@ -22,6 +23,7 @@ __all__ = [
     "alpha_dropout",
     "alpha_dropout_coefficients",
     "bias_dropout_add",
+    "concrete_dropout",
     "drop_block",
     "drop_block1d",
     "drop_block2d",

@@ -2,6 +2,8 @@
 
 from dropkit.nn.alpha import AlphaDropout as AlphaDropout
 from dropkit.nn.alpha import FeatureAlphaDropout as FeatureAlphaDropout
+from dropkit.nn.concrete import ConcreteDropout as ConcreteDropout
+from dropkit.nn.concrete import concrete_regularizers as concrete_regularizers
 from dropkit.nn.dropblock import DropBlock1d as DropBlock1d
 from dropkit.nn.dropblock import DropBlock2d as DropBlock2d
 from dropkit.nn.dropblock import DropBlock3d as DropBlock3d
@@ -19,6 +21,7 @@ from dropkit.nn.gaussian import GaussianNoise as GaussianNoise
 __all__ = [
     "AlphaDropout",
     "BiasDropoutAdd",
+    "ConcreteDropout",
     "DropBlock1d",
     "DropBlock2d",
     "DropBlock3d",
@@ -32,4 +35,5 @@ __all__ = [
     "GaussianNoise",
     "LayerDrop",
     "StochasticDepth",
+    "concrete_regularizers",
 ]
