@@ -17,8 +17,30 @@ from dropkit.nn.droppath import StochasticDepth as StochasticDepth
 from dropkit.nn.fused import BiasDropoutAdd as BiasDropoutAdd
 from dropkit.nn.gaussian import GaussianDropout as GaussianDropout
 from dropkit.nn.gaussian import GaussianNoise as GaussianNoise
+from dropkit.nn.regularization import KLWarmup as KLWarmup
+from dropkit.nn.regularization import regularization_loss as regularization_loss
+from dropkit.nn.sparse_variational import SparseVariationalConv1d as SparseVariationalConv1d
+from dropkit.nn.sparse_variational import SparseVariationalConv2d as SparseVariationalConv2d
+from dropkit.nn.sparse_variational import SparseVariationalConv3d as SparseVariationalConv3d
+from dropkit.nn.sparse_variational import SparseVariationalLinear as SparseVariationalLinear
+from dropkit.nn.sparse_variational import sparsity_report as sparsity_report
+from dropkit.nn.variational import VariationalConv1d as VariationalConv1d
+from dropkit.nn.variational import VariationalConv2d as VariationalConv2d
+from dropkit.nn.variational import VariationalConv3d as VariationalConv3d
+from dropkit.nn.variational import VariationalLinear as VariationalLinear
 
 __all__ = [
+    "KLWarmup",
+    "SparseVariationalConv1d",
+    "SparseVariationalConv2d",
+    "SparseVariationalConv3d",
+    "SparseVariationalLinear",
+    "VariationalConv1d",
+    "VariationalConv2d",
+    "VariationalConv3d",
+    "VariationalLinear",
+    "regularization_loss",
+    "sparsity_report",
     "AlphaDropout",
     "BiasDropoutAdd",
     "ConcreteDropout",
