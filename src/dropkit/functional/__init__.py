@@ -8,6 +8,8 @@ from dropkit.functional.dropblock import drop_block as drop_block
 from dropkit.functional.dropblock import drop_block1d as drop_block1d
 from dropkit.functional.dropblock import drop_block2d as drop_block2d
 from dropkit.functional.dropblock import drop_block3d as drop_block3d
+from dropkit.functional.dropconnect import drop_connect_weight as drop_connect_weight
+from dropkit.functional.dropconnect import moment_matching_linear as moment_matching_linear
 from dropkit.functional.dropout import dropout as dropout
 from dropkit.functional.dropout import dropout1d as dropout1d
 from dropkit.functional.dropout import dropout2d as dropout2d
@@ -28,6 +30,7 @@ __all__ = [
     "drop_block1d",
     "drop_block2d",
     "drop_block3d",
+    "drop_connect_weight",
     "drop_path",
     "dropout",
     "dropout1d",
@@ -37,5 +40,6 @@ __all__ = [
     "gaussian_dropout",
     "gaussian_dropout_std",
     "gaussian_noise",
+    "moment_matching_linear",
     "stochastic_depth_rates",
 ]

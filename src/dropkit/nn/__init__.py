@@ -7,6 +7,7 @@ from dropkit.nn.concrete import concrete_regularizers as concrete_regularizers
 from dropkit.nn.dropblock import DropBlock1d as DropBlock1d
 from dropkit.nn.dropblock import DropBlock2d as DropBlock2d
 from dropkit.nn.dropblock import DropBlock3d as DropBlock3d
+from dropkit.nn.dropconnect import DropConnect as DropConnect
 from dropkit.nn.dropout import Dropout as Dropout
 from dropkit.nn.dropout import Dropout1d as Dropout1d
 from dropkit.nn.dropout import Dropout2d as Dropout2d
@@ -47,6 +48,7 @@ __all__ = [
     "DropBlock1d",
     "DropBlock2d",
     "DropBlock3d",
+    "DropConnect",
     "DropPath",
     "Dropout",
     "Dropout1d",

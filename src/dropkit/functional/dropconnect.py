@@ -1,0 +1,209 @@
+r"""DropConnect as functions: masked weights, per-example masks and moment-matching inference.
+
+Convention (inverted scaling, like the rest of dropkit): training uses
+:math:`\tilde W = (R \odot W) / q` with :math:`R_{ij} \sim \mathrm{Bernoulli}(q)`, :math:`q = 1 - p`,
+so the pre-activation :math:`u = \tilde W v + b` of a linear layer has
+
+.. math::
+
+    \mathbb{E}[u] = W v + b, \qquad
+    \mathrm{Var}[u] = \frac{p}{q}\,(W \odot W)(v \odot v),
+
+and the mean inference is the undropped layer.  Wan et al. train unscaled and infer with
+:math:`\mu = q\,W v`, :math:`\sigma^2 = q\,p\,(W \odot W)(v \odot v)`: their moments are ours
+times :math:`q` and :math:`q^2`, i.e. the same distribution for the weights :math:`q\,W`.
+The bias is never dropped.
+
+Documentation of the layer lives on :class:`dropkit.nn.dropconnect.DropConnect`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dropkit._validation import check_floating_tensor, check_probability
+from dropkit.engine.masks import drop_threshold, keep_mask, normal_noise
+from dropkit.engine.philox import MASK32, philox4x32
+from dropkit.functional._common import SeedLike, resolve_key
+
+__all__ = [
+    "drop_connect_linear_moments",
+    "drop_connect_weight",
+    "example_keep_masks",
+    "gaussian_moment_matching",
+    "moment_matching_linear",
+]
+
+_ELEMENTS_PER_COUNTER = 8  # the 16-bit layout of dropkit.engine.masks
+
+
+def keep_scale(p: float) -> float:
+    """The inverted scale :math:`1/q`; 0 at ``p = 1``, where nothing is kept and 1/0 must not appear."""
+    keep_prob = 1.0 - p
+    return 1.0 / keep_prob if keep_prob > 0.0 else 0.0
+
+
+def apply_weight_mask(weight: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``weight / q`` where ``keep``, exact zeros elsewhere (``where``, not ``* mask``: inf * 0 is NaN)."""
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    return torch.where(keep, weight * keep_scale(p), zero)
+
+
+def example_keep_masks(
+    key: torch.Tensor, p: float, weight_shape: Sequence[int], start: int, stop: int
+) -> torch.Tensor:
+    """Keep masks of examples ``start .. stop-1``, shape ``(stop - start, *weight_shape)``.
+
+    They are rows ``start:stop`` of ``keep_mask(key, p, (N, *weight_shape))`` bit for bit, for
+    any ``N >= stop``, drawn without generating the other rows: so a batch processed in chunks
+    gives every example the same mask whatever the chunk size, and example 0 gets the mask of
+    ``keep_mask(key, p, weight_shape)`` (the per-batch mask).
+    """
+    if not 0 <= start <= stop:
+        raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
+    shape = (stop - start, *(int(size) for size in weight_shape))
+    threshold = drop_threshold(p)
+    if threshold == 0:
+        return torch.ones(shape, dtype=torch.bool, device=key.device)
+    if threshold == 1 << 16:
+        return torch.zeros(shape, dtype=torch.bool, device=key.device)
+    per_example = math.prod(shape[1:])
+    first, last = start * per_example, stop * per_example
+    # A row need not start on a counter boundary: draw the covering counters and cut.
+    first_counter = first // _ELEMENTS_PER_COUNTER
+    last_counter = -(-last // _ELEMENTS_PER_COUNTER)
+    counters = torch.arange(first_counter, last_counter, dtype=torch.int64, device=key.device)
+    seed, stream, step = key[0], key[1], key[2]
+    words = philox4x32(
+        counters & MASK32,
+        counters >> 32,
+        stream & MASK32,
+        step & MASK32,
+        seed & MASK32,
+        (seed >> 32) & MASK32,
+    )
+    halves = [part for word in words for part in (word & 0xFFFF, word >> 16)]
+    offset = first_counter * _ELEMENTS_PER_COUNTER
+    bits = torch.stack(halves, dim=1).reshape(-1)[first - offset : last - offset]
+    return (bits >= threshold).reshape(shape)
+
+
+def drop_connect_weight(
+    weight: torch.Tensor,
+    p: float = 0.5,
+    *,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""The DropConnect weight :math:`(R \odot W)/q`: each entry is 0 or ``weight / q``.
+
+    The mask is ``keep_mask(key, p, weight.shape)``, a pure function of the key, so
+    ``seed`` (an int or a key from :func:`dropkit.make_key`) or ``generator`` reproduce it;
+    without them the functional stream of the global seed is used.  Differentiable in
+    ``weight`` (the gradient is masked and scaled the same way).
+
+    Examples::
+
+        >>> import torch
+        >>> from dropkit.functional.dropconnect import drop_connect_weight
+        >>> w = drop_connect_weight(torch.ones(4, 8), 0.5, seed=0)
+        >>> sorted(set(w.flatten().tolist()))
+        [0.0, 2.0]
+        >>> torch.equal(w, drop_connect_weight(torch.ones(4, 8), 0.5, seed=0))
+        True
+    """
+    weight = check_floating_tensor(weight, "weight")
+    p = check_probability(p)
+    if p == 0.0:
+        return weight
+    key = resolve_key(weight, seed, generator)
+    return apply_weight_mask(weight, keep_mask(key, p, weight.shape), p)
+
+
+def drop_connect_linear_moments(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and variance of the training-time pre-activation :math:`u = \tilde W v + b`.
+
+    :math:`\mu = W v + b` and :math:`\sigma^2 = \frac{p}{q}(W \odot W)(v \odot v)` for the
+    inverted convention of :func:`drop_connect_weight` (exact moments for a fresh mask; the
+    variance is reported as 0 at ``p = 1``, where inference falls back to the undropped layer
+    like eval-mode dropout does).  ``input`` is :math:`(*, \text{in})`, both results
+    :math:`(*, \text{out})`.
+    """
+    input = check_floating_tensor(input)
+    p = check_probability(p)
+    mean = F.linear(input, weight, bias)
+    variance = F.linear(input.square(), weight.square()) * variance_ratio(p)
+    return mean, variance
+
+
+def moment_matching_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: float,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    samples: int = 256,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""DropConnect inference by moment matching (Wan et al. 2013, Algorithm 2).
+
+    Each unit's pre-activation is approximated by :math:`u \sim \mathcal{N}(\mu, \sigma^2)`
+    with the moments of :func:`drop_connect_linear_moments`; ``samples`` draws :math:`Z` of
+    :math:`u` go through ``activation`` (identity if ``None``) and are averaged:
+    :math:`\frac{1}{Z}\sum_z a(\mu + \sigma \varepsilon_z)`.  The noise comes from the engine
+    (``normal_noise``), keyed by ``seed``/``generator`` or the functional stream.  Peak memory
+    is ``samples`` times the output.  Not meant for backpropagation (the gradient of
+    :math:`\sigma` is infinite where :math:`\sigma = 0`).
+
+    Examples::
+
+        >>> import torch
+        >>> from dropkit.functional.dropconnect import moment_matching_linear
+        >>> w, v = torch.randn(3, 5), torch.randn(2, 5)
+        >>> moment_matching_linear(v, w, None, 0.5, torch.relu, samples=64, seed=0).shape
+        torch.Size([2, 3])
+
+    Reference: Wan et al., "Regularization of Neural Networks using DropConnect", ICML 2013.
+    """
+    mean, variance = drop_connect_linear_moments(input, weight, bias, p)
+    return gaussian_moment_matching(
+        mean, variance, activation, samples=samples, seed=seed, generator=generator
+    )
+
+
+def variance_ratio(p: float) -> float:
+    """``p / q``, the variance of one inverted mask entry ``r / q``; 0 at ``p = 1`` (see the moments)."""
+    return p / (1.0 - p) if p < 1.0 else 0.0
+
+
+def gaussian_moment_matching(
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    samples: int = 256,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Average of ``activation`` over ``samples`` draws of :math:`\mathcal{N}(\text{mean}, \text{variance})`.
+
+    The step of moment matching after the moments: any layer whose pre-activation moments are
+    known (linear or convolutional) uses it.  Noise comes from ``normal_noise`` keyed by
+    ``seed``/``generator`` or the functional stream.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if activation is not None and not callable(activation):
+        raise TypeError(f"activation must be callable or None, got {type(activation).__name__}")
+    key = resolve_key(mean, seed, generator)
+    noise = normal_noise(key, (samples, *mean.shape), mean.dtype).to(mean.dtype)
+    drawn = mean + variance.sqrt() * noise
+    return (drawn if activation is None else activation(drawn)).mean(dim=0)
