@@ -11,6 +11,7 @@ import torch
 __all__ = [
     "check_bool",
     "check_floating_tensor",
+    "check_int",
     "check_nonnegative",
     "check_probability",
     "check_min_rank",
@@ -47,6 +48,16 @@ def check_nonnegative(value: object, name: str) -> float:
 def check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_int(value: object, name: str, low: int, high: int | None = None) -> int:
+    """An int (not a bool) in ``[low, high]`` (``high=None``: no upper bound)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
     return value
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import dropkit
+from dropkit._validation import check_int
 
 __all__ = [
     "DIGITS_CLASSES",
@@ -72,14 +73,6 @@ def require_demo_dependencies() -> None:
                 f"install the demo dependencies with: {INSTALL_HINT}",
                 name=module,
             ) from exc
-
-
-def _check_int(value: object, name: str, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
 
 
 def _check_float(value: object, name: str) -> float:
@@ -129,14 +122,14 @@ class DigitsConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int(self.epochs, "epochs", 1)
-        _check_int(self.hidden, "hidden", 1)
+        check_int(self.epochs, "epochs", 1)
+        check_int(self.hidden, "hidden", 1)
         for name in ("input_dropout", "hidden_dropout"):
             p = _check_float(getattr(self, name), name)
             if not 0.0 <= p < 1.0:  # also refuses NaN
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        _check_int(self.train_size, "train_size", DIGITS_CLASSES, DIGITS_SAMPLES - DIGITS_CLASSES)
-        _check_int(self.batch_size, "batch_size", 1)
+        check_int(self.train_size, "train_size", DIGITS_CLASSES, DIGITS_SAMPLES - DIGITS_CLASSES)
+        check_int(self.batch_size, "batch_size", 1)
         lr = _check_float(self.lr, "lr")
         if not (math.isfinite(lr) and lr > 0.0):
             raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
@@ -144,8 +137,8 @@ class DigitsConfig:
             raise TypeError(f"optimizer must be a str, got {type(self.optimizer).__name__}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        _check_int(self.seed, "seed", 0, _SEED_LIMIT - 1)
-        _check_int(self.split_seed, "split_seed", 0, (1 << 32) - 1)
+        check_int(self.seed, "seed", 0, _SEED_LIMIT - 1)
+        check_int(self.split_seed, "split_seed", 0, (1 << 32) - 1)
 
 
 class DigitsSplit(NamedTuple):
@@ -339,7 +332,7 @@ def run_demo(
     if not isinstance(config, DigitsConfig):
         raise TypeError(f"config must be a DigitsConfig, got {type(config).__name__}")
     if threads is not None:
-        _check_int(threads, "threads", 1)
+        check_int(threads, "threads", 1)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import dropkit
+from dropkit._validation import check_int
 from dropkit.nn.regularization import KLWarmup, regularization_loss
 from dropkit.nn.sparse_variational import SparseVariationalLinear, sparsity_report
 
@@ -233,14 +234,6 @@ def load_mnist(root: str | Path) -> MnistData:
 # Configuration
 
 
-def _check_int(value: object, name: str, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-
-
 def _check_float(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
@@ -285,8 +278,8 @@ class SparseVDConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        _check_int(self.epochs, "epochs", 1)
-        _check_int(self.batch_size, "batch_size", 1)
+        check_int(self.epochs, "epochs", 1)
+        check_int(self.batch_size, "batch_size", 1)
         if not _check_float(self.lr, "lr") > 0.0:
             raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
         if not 0.0 <= _check_float(self.lr_decay_start, "lr_decay_start") <= self.epochs:
@@ -301,8 +294,8 @@ class SparseVDConfig:
                 f"kl_end must be in [kl_start={self.kl_start}, epochs={self.epochs}], got {self.kl_end!r}"
             )
         _check_float(self.threshold, "threshold")
-        _check_int(self.seed, "seed", 0, _SEED_LIMIT - 1)
-        _check_int(self.threads, "threads", 1)
+        check_int(self.seed, "seed", 0, _SEED_LIMIT - 1)
+        check_int(self.threads, "threads", 1)
 
     @classmethod
     def recipe(cls, epochs: int = RECIPE_EPOCHS, **overrides: Any) -> SparseVDConfig:
@@ -315,7 +308,7 @@ class SparseVDConfig:
             epochs: length of the run.
             overrides: other fields (``batch_size``, ``seed``, ...), or explicit schedule epochs.
         """
-        _check_int(epochs, "epochs", 1)
+        check_int(epochs, "epochs", 1)
         scale = epochs / RECIPE_EPOCHS
         schedule: dict[str, Any] = {
             "lr_decay_start": _RECIPE_LR_DECAY_START * scale,
