@@ -45,7 +45,8 @@ def seed_rate(p: float, feature: Sequence[int], block_size: int) -> float:
     """The paper's seed probability, per axis for non-square maps, clipped to ``[0, 1]``:
     ``gamma = p / prod(bs_i) * prod(feat_i / (feat_i - bs_i + 1))``."""
     blocks, valid = block_geometry(feature, block_size)
-    gamma = p / math.prod(blocks) * math.prod(size / v for size, v in zip(feature, valid, strict=True))
+    # A list, not a generator: dynamo cannot trace math.prod over a generator (fullgraph compile).
+    gamma = p / math.prod(blocks) * math.prod([size / v for size, v in zip(feature, valid, strict=True)])
     return min(max(gamma, 0.0), 1.0)
 
 
