@@ -42,9 +42,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.detach().contiguous().view(as_int), b.detach().contiguous().view(as_int))
 
 
-def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def normwise_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: elementwise relative differences blow up where 1 + sigma * eps
+    cancels to near zero, so they say nothing about whether the noise agrees."""
     a, b = a.detach().double(), b.detach().double()
-    return float(((a - b).abs() / b.abs().clamp_min(1e-6)).max())
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def run_layer(
@@ -90,7 +92,8 @@ def layer_cases() -> list[
     def dropconnect_inputs(dtype: torch.dtype) -> list[torch.Tensor]:
         return [torch.randn(16, 48, generator=torch.Generator().manual_seed(4)).to(dtype)]
 
-    cases.append(("DropConnect[Linear]", "bernoulli", dropconnect, dropconnect_inputs))
+    # A dropped weight changes outputs by O(|w x|), far above the float32 tolerance.
+    cases.append(("DropConnect[Linear]", "matmul", dropconnect, dropconnect_inputs))
 
     def fused_inputs(dtype: torch.dtype) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(5)
@@ -122,14 +125,14 @@ def check_layers(results: list[dict]) -> None:
                         same_bits(a, b) for a, b in zip(cpu_grads, gpu_grads, strict=True)
                     )
                     row["detail"] = "bit-identical" if row["ok"] else "bits differ"
-                else:
+                else:  # "gaussian" noise or a "matmul" (cuBLAS and CPU BLAS sum in different orders)
                     diff = max(
-                        max_rel_diff(cpu_out, gpu_out),
-                        *(max_rel_diff(a, b) for a, b in zip(cpu_grads, gpu_grads, strict=True)),
+                        normwise_diff(cpu_out, gpu_out),
+                        *(normwise_diff(a, b) for a, b in zip(cpu_grads, gpu_grads, strict=True)),
                     )
                     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
                     row["ok"] = diff <= tolerance
-                    row["detail"] = f"max relative difference {diff:.2e} (tolerance {tolerance:g})"
+                    row["detail"] = f"normwise difference {diff:.2e} (tolerance {tolerance:g})"
                 results.append(row)
                 verdict = "ok  " if row["ok"] else "FAIL"
                 print(f"{verdict} {name:<26} {dtype!s:<14} cuda={path:<9} {row['detail']}")
@@ -153,24 +156,25 @@ class Block(nn.Module):
 
 def check_compile(results: list[dict]) -> None:
     torch.manual_seed(0)
-    eager = Block().cuda()
-    compiled_model = Block().cuda()
-    compiled_model.load_state_dict(eager.state_dict())
-    compiled = torch.compile(compiled_model, fullgraph=True)
+    # One module for both: its layers' stream ids (hence masks) come from construction order.
+    model = Block().cuda()
     x = torch.randn(16, 8, 12, 12, device="cuda")
     ok = True
     worst = 0.0
-    for model in (eager, compiled):
+
+    def steps(fn: Callable[[torch.Tensor], torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         dropkit.manual_seed(7)  # restarts every live module's step counter
         outs = []
         for _ in range(3):
             model.zero_grad()
-            out = model(x)
+            out = fn(x)
             out.square().mean().backward()
             outs.append((out.detach().clone(), model.conv.weight.grad.clone()))
-        if model is eager:
-            eager_outs = outs
-    for (a, ga), (b, gb) in zip(eager_outs, outs, strict=True):
+        return outs
+
+    eager_outs = steps(model)
+    compiled_outs = steps(torch.compile(model, fullgraph=True))
+    for (a, ga), (b, gb) in zip(eager_outs, compiled_outs, strict=True):
         worst = max(worst, float((a - b).abs().max()), float((ga - gb).abs().max()))
         # The masks must agree exactly: a position dropped in one and kept in the other would
         # differ by O(1), far above the float32 reassociation of Inductor's fused kernels.

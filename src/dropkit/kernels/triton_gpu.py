@@ -73,6 +73,10 @@ class _LaunchConfig:
     block_counters = 256
     num_warps = 4
     force_wide_index = False
+    # Loads issued before Philox and stores (see _masked_affine_block).
+    hoist_loads = True
+    # Elements per tile row of _masked_affine_kernel; None = one 16-byte access (_group_width).
+    tile_width: int | None = None
 
 
 _config = _LaunchConfig()
@@ -80,7 +84,12 @@ _config = _LaunchConfig()
 
 @contextlib.contextmanager
 def launch_overrides(
-    block_counters: int | None = None, num_warps: int | None = None, force_wide_index: bool = False
+    block_counters: int | None = None,
+    num_warps: int | None = None,
+    force_wide_index: bool = False,
+    *,
+    hoist_loads: bool | None = None,
+    tile_width: int | None = None,
 ) -> Iterator[None]:
     """Override the launch shape inside the block; the bits never change.
 
@@ -91,16 +100,35 @@ def launch_overrides(
     for name, value in (("block_counters", block_counters), ("num_warps", num_warps)):
         if value is not None and (value < 1 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two, got {value}")
-    previous = (_config.block_counters, _config.num_warps, _config.force_wide_index)
+    if tile_width is not None and tile_width not in (2, 4, 8):
+        # The hoisted path unrolls at most 4 groups of a counter's 8 elements.
+        raise ValueError(f"tile_width must be 2, 4 or 8, got {tile_width}")
+    previous = (
+        _config.block_counters,
+        _config.num_warps,
+        _config.force_wide_index,
+        _config.hoist_loads,
+        _config.tile_width,
+    )
     if block_counters is not None:
         _config.block_counters = block_counters
     if num_warps is not None:
         _config.num_warps = num_warps
     _config.force_wide_index = force_wide_index
+    if hoist_loads is not None:
+        _config.hoist_loads = hoist_loads
+    if tile_width is not None:
+        _config.tile_width = tile_width
     try:
         yield
     finally:
-        _config.block_counters, _config.num_warps, _config.force_wide_index = previous
+        (
+            _config.block_counters,
+            _config.num_warps,
+            _config.force_wide_index,
+            _config.hoist_loads,
+            _config.tile_width,
+        ) = previous
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +232,8 @@ def _affine(
 
 
 @triton.jit
-def _masked_affine_block(
-    x_ptr: tl.tensor,
+def _masked_affine_group(
+    x: tl.tensor,
     out_ptr: tl.tensor,
     w0: tl.tensor,
     w1: tl.tensor,
@@ -216,19 +244,84 @@ def _masked_affine_block(
     scale_bits: tl.tensor,
     shift_bits: tl.tensor,
     drop_bits: tl.tensor,
+    GROUP: tl.constexpr,
     MASKED: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     WIDTH: tl.constexpr,
 ) -> None:
-    for group in tl.static_range(_PER_COUNTER // WIDTH):
-        local = _group_offsets(BLOCK_C, group * WIDTH, WIDTH)
-        keep = _draws16(w0, w1, w2, w3, group * WIDTH, WIDTH) >= threshold
-        mask = local < remaining if MASKED else None
-        x = tl.load(x_ptr + local, mask=mask)
-        y = _affine(x, keep, scale_bits, shift_bits, drop_bits, HAS_SHIFT, COMPUTE)
-        _store_rounded(out_ptr + local, y, mask)
+    local = _group_offsets(BLOCK_C, GROUP * WIDTH, WIDTH)
+    keep = _draws16(w0, w1, w2, w3, GROUP * WIDTH, WIDTH) >= threshold
+    mask = local < remaining if MASKED else None
+    y = _affine(x, keep, scale_bits, shift_bits, drop_bits, HAS_SHIFT, COMPUTE)
+    _store_rounded(out_ptr + local, y, mask)
+
+
+@triton.jit
+def _load_group(
+    x_ptr: tl.tensor, remaining: tl.tensor, GROUP: tl.constexpr, MASKED: tl.constexpr, BLOCK_C: tl.constexpr,
+    WIDTH: tl.constexpr,
+) -> tl.tensor:  # fmt: skip
+    local = _group_offsets(BLOCK_C, GROUP * WIDTH, WIDTH)
+    return tl.load(x_ptr + local, mask=local < remaining if MASKED else None)
+
+
+@triton.jit
+def _masked_affine_block(
+    x_ptr: tl.tensor,
+    out_ptr: tl.tensor,
+    key_ptr: tl.tensor,
+    counters: tl.tensor,
+    remaining: tl.tensor,
+    threshold: tl.tensor,
+    scale_bits: tl.tensor,
+    shift_bits: tl.tensor,
+    drop_bits: tl.tensor,
+    MASKED: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    WIDTH: tl.constexpr,
+    HOIST: tl.constexpr,
+) -> None:
+    if HOIST:
+        # Every load is issued before Philox runs and before any store: a store may alias a
+        # later load (in-place dropout), so the compiler cannot move loads above stores itself,
+        # and a thread would otherwise have one group's bytes in flight at a time.
+        x0 = _load_group(x_ptr, remaining, 0, MASKED, BLOCK_C, WIDTH)
+        if _PER_COUNTER // WIDTH > 1:
+            x1 = _load_group(x_ptr, remaining, 1, MASKED, BLOCK_C, WIDTH)
+        if _PER_COUNTER // WIDTH > 2:
+            x2 = _load_group(x_ptr, remaining, 2, MASKED, BLOCK_C, WIDTH)
+            x3 = _load_group(x_ptr, remaining, 3, MASKED, BLOCK_C, WIDTH)
+        w0, w1, w2, w3 = _philox_words(key_ptr, counters)
+        _masked_affine_group(
+            x0, out_ptr, w0, w1, w2, w3, remaining, threshold, scale_bits, shift_bits, drop_bits,
+            0, MASKED, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH,
+        )  # fmt: skip
+        if _PER_COUNTER // WIDTH > 1:
+            _masked_affine_group(
+                x1, out_ptr, w0, w1, w2, w3, remaining, threshold, scale_bits, shift_bits, drop_bits,
+                1, MASKED, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH,
+            )  # fmt: skip
+        if _PER_COUNTER // WIDTH > 2:
+            _masked_affine_group(
+                x2, out_ptr, w0, w1, w2, w3, remaining, threshold, scale_bits, shift_bits, drop_bits,
+                2, MASKED, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH,
+            )  # fmt: skip
+            _masked_affine_group(
+                x3, out_ptr, w0, w1, w2, w3, remaining, threshold, scale_bits, shift_bits, drop_bits,
+                3, MASKED, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH,
+            )  # fmt: skip
+    else:
+        w0, w1, w2, w3 = _philox_words(key_ptr, counters)
+        for group in tl.static_range(_PER_COUNTER // WIDTH):
+            x = _load_group(x_ptr, remaining, group, MASKED, BLOCK_C, WIDTH)
+            _masked_affine_group(
+                x, out_ptr, w0, w1, w2, w3, remaining, threshold, scale_bits, shift_bits, drop_bits,
+                group, MASKED, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH,
+            )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n", "threshold"])
@@ -245,22 +338,23 @@ def _masked_affine_kernel(
     COMPUTE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     WIDTH: tl.constexpr,
+    HOIST: tl.constexpr,
 ) -> None:
     first_counter = tl.program_id(0).to(tl.int64) * BLOCK_C
-    w0, w1, w2, w3 = _philox_words(key_ptr, first_counter + tl.arange(0, BLOCK_C))
+    counters = first_counter + tl.arange(0, BLOCK_C)
     base = first_counter * _PER_COUNTER
     remaining = n - base
     x_ptr += base
     out_ptr += base
     if remaining >= BLOCK_C * _PER_COUNTER:
         _masked_affine_block(
-            x_ptr, out_ptr, w0, w1, w2, w3, remaining, threshold, scale_bits, shift_bits, drop_bits,
-            False, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH,
+            x_ptr, out_ptr, key_ptr, counters, remaining, threshold, scale_bits, shift_bits, drop_bits,
+            False, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH, HOIST,
         )  # fmt: skip
     else:
         _masked_affine_block(
-            x_ptr, out_ptr, w0, w1, w2, w3, remaining, threshold, scale_bits, shift_bits, drop_bits,
-            True, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH,
+            x_ptr, out_ptr, key_ptr, counters, remaining, threshold, scale_bits, shift_bits, drop_bits,
+            True, HAS_SHIFT, COMPUTE, BLOCK_C, WIDTH, HOIST,
         )  # fmt: skip
 
 
@@ -570,7 +664,8 @@ def masked_affine(
                 threshold,
                 **affine,
                 BLOCK_C=block_c,
-                WIDTH=_group_width(x.dtype),
+                WIDTH=_config.tile_width or _group_width(x.dtype),
+                HOIST=_config.hoist_loads,
                 **_launch_options(),
             )
         else:
