@@ -17,13 +17,14 @@ import json
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_triton import DTYPES, parse_size, same_bits, time_cuda
+from bench_triton import DTYPES, bench_one, format_table, parse_size, same_bits, time_cuda
 
 
 def copy_of(x: torch.Tensor) -> Callable[[], object]:
@@ -117,12 +118,31 @@ def main() -> int:
     print("\nlaunch shape (block_counters, num_warps, hoist, width)   worst % of copy   all")
     for shape, pcts in ranking:
         print(f"{shape!s:<55} {min(pcts):>8.1f}   {pcts}")
+    # The winner through bench_triton's comparison (forward and forward+backward).
+    (block_c, warps, hoist, label), _ = ranking[0]
+    print(f"\nbest launch shape: block_counters={block_c} num_warps={warps} hoist={hoist} width={label}")
+    results = []
+    for dtype_name in args.dtypes:
+        with tg.launch_overrides(
+            block_counters=block_c,
+            num_warps=warps,
+            hoist_loads=hoist,
+            tile_width=8 if label == "w8" else None,
+        ):
+            for size in args.sizes:
+                methods = ["copy", "multiply", "triton", "torch-eager"]
+                results += bench_one(DTYPES[dtype_name], parse_size(size), p, 30, 5, methods)
+                torch.cuda.empty_cache()
+    print(format_table(results))
+    payload = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "sweep": rows,
+        "best": {"block_counters": block_c, "num_warps": warps, "hoist_loads": hoist, "width": label},
+        "best_results": [asdict(r) for r in results],
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1
-        )
-    )
+    args.json.write_text(json.dumps(payload, indent=1))
     return 0 if all(r["bit_exact"] for r in rows) else 1
 
 
