@@ -257,6 +257,52 @@ def bench_one(
     return results
 
 
+def launch_overhead(numel: int = 4096, calls: int = 2000) -> list[tuple[str, float]]:
+    """Host microseconds per call on a tiny tensor (the GPU work is negligible), per layer of the
+    call path: raw Triton launch, the kernel wrapper, dropkit's functional, torch's F.dropout."""
+    import dropkit
+    from dropkit.kernels import triton_gpu as tg
+
+    x = torch.randn(numel, device="cuda")
+    key = torch.tensor([1, 2, 3], dtype=torch.int64, device="cuda")
+    out = torch.empty_like(x)
+    block_c = tg._config.block_counters
+    grid = (tg._programs(numel, block_c),)
+    bits = tg._float_bits(1 / 0.9), tg._float_bits(0.0), tg._float_bits(0.0)
+
+    def raw_launch() -> None:
+        tg._masked_affine_kernel[grid](
+            x, out, key, numel, tg.drop_threshold(0.1), *bits, HAS_SHIFT=False,
+            COMPUTE=tg._compute(x.dtype), BLOCK_C=block_c, WIDTH=tg._tile_width(x.dtype),
+            HOIST=tg._config.hoist_loads, **tg._launch_options(),
+        )  # fmt: skip
+
+    paths: list[tuple[str, Callable[[], Any]]] = [
+        ("triton launch (JITFunction[grid](...))", raw_launch),
+        ("kernels.triton_gpu.masked_affine", lambda: tg.masked_affine(x, key, 0.1, [], 1 / 0.9, 0.0, 0.0)),
+        ("dropkit.functional.dropout(seed=key)", lambda: dropkit.functional.dropout(x, 0.1, seed=key)),
+        ("dropkit.nn.Dropout (module, no grad)", dropkit.nn.Dropout(0.1).cuda().__call__),
+        ("torch.nn.functional.dropout", lambda: F.dropout(x, 0.1, training=True)),
+        ("torch.mul (one ATen kernel)", lambda: torch.mul(x, 2.0)),
+    ]
+    rows = []
+    with torch.no_grad():
+        for name, fn in paths:
+            call = (lambda fn=fn: fn(x)) if name.startswith("dropkit.nn") else fn
+            for _ in range(50):
+                call()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(calls // 5):
+                    call()
+                times.append((time.perf_counter() - start) * 1e6 / (calls // 5))
+                torch.cuda.synchronize()
+            rows.append((name, statistics.median(times)))
+    return rows
+
+
 def format_table(results: list[Result]) -> str:
     header = (
         f"{'dtype':<9} {'numel':>11} {'method':<15} {'mode':<8} {'median ms':>10} {'host ms':>8} {'GB/s':>8} "
@@ -287,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--with-op", action="store_true", help="also time the dropkit custom op via autograd")
     parser.add_argument("--skip-check", action="store_true", help="skip the bit-exactness check")
+    parser.add_argument(
+        "--launch-overhead", action="store_true", help="also time the host cost per call of each call path"
+    )
     parser.add_argument(
         "--json",
         type=Path,
@@ -336,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                 results += bench_one(DTYPES[dtype_name], numel, args.p, args.repeats, args.warmup, methods)
                 torch.cuda.empty_cache()
     print(format_table(results))
+    overhead = launch_overhead() if args.launch_overhead else []
+    if overhead:
+        print("\nhost time per call, 4096 float32 elements (launch overhead):")
+        for name, micros in overhead:
+            print(f"  {name:<42} {micros:8.1f} us")
     payload = {
         "device": device,
         "torch": torch.__version__,
@@ -347,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "bit_exact": bit_exact,
         "triton_launch": {"block_counters": args.block_counters, "num_warps": args.num_warps},
         "results": [asdict(r) for r in results],
+        "launch_overhead_us": dict(overhead),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=1))

@@ -235,6 +235,14 @@ def _masked_affine_many_programs() -> None:
         for dtype in DTYPES:
             _check_masked_affine(_data((611,), dtype), KEYS[1], 0.5, [], f"{dtype} block 4")
             _check_masked_affine(_data((6, 4, 5, 3), dtype), KEYS[0], 0.5, [2, 3], f"{dtype} block 4 channel")
+    # Every tile width, with loads hoisted above the stores or interleaved with them: the launch
+    # shape must never change the bits.
+    for hoist in (True, False):
+        for width in (2, 4, 8):
+            with tg.launch_overrides(block_counters=4, hoist_loads=hoist, tile_width=width):
+                for dtype in DTYPES:
+                    label = f"{dtype} hoist={hoist} width={width}"
+                    _check_masked_affine(_data((611,), dtype), KEYS[1], 0.5, [], label, all_affine=False)
 
 
 def _layouts(dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -433,7 +441,8 @@ def _compile_for_sm90(kernel: str, dtype: str, variant: str) -> None:
         signature = {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "key_ptr": "*i64", "n": "i64", "threshold": "i32"}
         signature |= affine
         constants = {"HAS_SHIFT": variant == "shift", "COMPUTE": compute, "BLOCK_C": 256}
-        constants["WIDTH"] = tg._group_width(torch_dtype)
+        constants["WIDTH"] = tg._tile_width(torch_dtype)
+        constants["HOIST"] = tg._config.hoist_loads
     elif kernel == "gather":
         fn = tg._masked_affine_gather_kernel
         signature = {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "keep_ptr": "*i8", "n": "i64"}

@@ -10,8 +10,7 @@ key split of a 64-bit seed), but its ``tl.randint4x`` front end fixes counter wo
 zero, so the kernels call ``tl.philox`` directly with ``stream`` and ``step`` in those words.
 
 Each program owns a block of counters and produces all 8 elements of each (4 words x 2 halves),
-in tiles whose row-major order is the element order, so that every thread runs Philox once per
-counter it owns and moves 16 contiguous bytes per access (see "Device code" below).  The key is
+in tiles whose row-major order is the element order (see "Device code" below for the tile width).  The key is
 read in-kernel from its int64 tensor and the drop threshold and affine constants are runtime
 arguments: advancing the step neither syncs with the host nor recompiles.
 
@@ -75,7 +74,7 @@ class _LaunchConfig:
     force_wide_index = False
     # Loads issued before Philox and stores (see _masked_affine_block).
     hoist_loads = True
-    # Elements per tile row of _masked_affine_kernel; None = one 16-byte access (_group_width).
+    # Elements per tile row of _masked_affine_kernel; None = the default (_tile_width).
     tile_width: int | None = None
 
 
@@ -136,12 +135,14 @@ def launch_overrides(
 # ---------------------------------------------------------------------------------------------
 #
 # Tiles: a program owns BLOCK_C counters, i.e. 8 * BLOCK_C consecutive elements, processed as
-# 8 // WIDTH tiles of shape [BLOCK_C, WIDTH] where WIDTH elements are 16 bytes.  Triton then gives
-# each thread whole rows of a tile (one 16-byte vector access per row), so each thread needs the
-# Philox words of its own counters only and no counter is computed twice; a [BLOCK_C, 8] tile of
-# float32 would put two threads on a row and have both run Philox for it.  Programs whose
-# elements are all in bounds take a mask-free path: a mask that may change inside a vector stops
-# Triton from vectorizing, and the element count is deliberately not specialized on.
+# 8 // WIDTH tiles of shape [BLOCK_C, WIDTH].  WIDTH = 8 (whole counters, the default up to
+# 4-byte dtypes) makes each tile row 8 contiguous elements; for float32 Triton then splits a
+# row over two threads (16-byte accesses) and both run Philox for it, which costs ALU time but
+# measured far faster on an H100 than 16-byte half-row tiles (WIDTH = 4), whose accesses cover
+# every 32-byte sector twice.  WIDTH = 16 bytes (float64, or launch_overrides) gives a thread
+# whole rows, so no counter is computed twice.  Programs whose elements are all in bounds take a
+# mask-free path: a mask that may change inside a vector stops Triton from vectorizing, and the
+# element count is deliberately not specialized on.
 
 
 @triton.jit
@@ -530,6 +531,15 @@ def _philox_block_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+def _programs(numel: int, block_counters: int) -> int:
+    """Programs of ``block_counters`` counters (8 elements each) that cover ``numel`` elements.
+
+    Plain integer arithmetic: ``triton.cdiv`` is a jit function, and calling one from the host
+    goes through Triton's launcher machinery (microseconds per call on every dropout call).
+    """
+    return -(-numel // (_ELEMENTS_PER_COUNTER * block_counters))
+
+
 def _float_bits(value: float) -> int:
     """The float64 bit pattern of ``value`` as a signed int64."""
     (bits,) = struct.unpack("<q", struct.pack("<d", float(value)))
@@ -537,8 +547,9 @@ def _float_bits(value: float) -> int:
 
 
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    # Triton launches on the current CUDA device, not on the tensors' device.
-    if device.type == "cuda":
+    # Triton launches on the current CUDA device, not on the tensors' device.  Switching costs
+    # a few microseconds per call, so only when the tensors live on another device.
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
 
@@ -561,6 +572,16 @@ def _check_dtype(x: torch.Tensor, name: str = "x") -> None:
 def _group_width(dtype: torch.dtype) -> int:
     """Elements of ``dtype`` in one 16-byte vector access (the widest a thread issues)."""
     return min(_ELEMENTS_PER_COUNTER, 16 // dtype.itemsize)
+
+
+def _tile_width(dtype: torch.dtype) -> int:
+    """Default tile row of _masked_affine_kernel: a whole counter (8 elements) up to 4-byte dtypes.
+
+    Measured on an H100 (benchmarks/RESULTS.md): for float32, full rows reach ~89 % of copy
+    bandwidth at 256M elements against ~60 % for two tiles of 16-byte half rows.  float64 keeps
+    16-byte rows (4 groups): not measured.
+    """
+    return _ELEMENTS_PER_COUNTER if dtype.itemsize <= 4 else _group_width(dtype)
 
 
 def _launch_options() -> dict[str, Any]:
@@ -655,7 +676,7 @@ def masked_affine(
     block_c = _config.block_counters
     with _device_guard(x.device):
         if math.prod(keep_shape) == n:
-            grid = (triton.cdiv(triton.cdiv(n, _ELEMENTS_PER_COUNTER), block_c),)
+            grid = (_programs(n, block_c),)
             _masked_affine_kernel[grid](
                 flat,
                 flat_out,
@@ -664,7 +685,7 @@ def masked_affine(
                 threshold,
                 **affine,
                 BLOCK_C=block_c,
-                WIDTH=_config.tile_width or _group_width(x.dtype),
+                WIDTH=_config.tile_width or _tile_width(x.dtype),
                 HOIST=_config.hoist_loads,
                 **_launch_options(),
             )
@@ -688,7 +709,7 @@ def _gather_apply(
     keep_numel = math.prod(keep_shape)
     block_c = _config.block_counters
     keep = torch.empty(keep_numel, dtype=torch.int8, device=flat.device)
-    grid = (triton.cdiv(triton.cdiv(keep_numel, _ELEMENTS_PER_COUNTER), block_c),)
+    grid = (_programs(keep_numel, block_c),)
     _keep_bytes_kernel[grid](key, keep, keep_numel, threshold, BLOCK_C=block_c, num_warps=_config.num_warps)
     runs = _kept_runs(shape, keep_shape)
     if not runs:
@@ -700,7 +721,7 @@ def _gather_apply(
         runs = []
     (div1, size1, stride1), (div2, size2, stride2) = (runs + [(1, 1, 0)] * 2)[:2]
     block = block_c * _ELEMENTS_PER_COUNTER
-    _masked_affine_gather_kernel[(triton.cdiv(n, block),)](
+    _masked_affine_gather_kernel[(-(-n // block),)](
         flat,
         flat_out,
         keep,
@@ -760,7 +781,7 @@ def bias_dropout_add(
     hidden = x.shape[-1]
     flat = x.contiguous().view(-1)
     flat_out = torch.empty_like(flat)
-    grid = (triton.cdiv(triton.cdiv(n, _ELEMENTS_PER_COUNTER), block_c),)
+    grid = (_programs(n, block_c),)
     with _device_guard(x.device):
         _bias_dropout_add_kernel[grid](
             flat,
