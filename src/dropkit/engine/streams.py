@@ -182,7 +182,9 @@ def make_key(
     for name, value in (("stream", stream), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
             raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
-    return torch.tensor([seed, stream, step], dtype=torch.int64, device=device)
+    if device is None or torch.compiler.is_compiling():
+        return torch.tensor([seed, stream, step], dtype=torch.int64, device=device)
+    return to_device_async(torch.tensor([seed, stream, step], dtype=torch.int64), torch.device(device))
 
 
 def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
@@ -210,16 +212,46 @@ def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
         step.fill_(value + 1)
         key = torch.tensor([effective_seed(), stream, value], dtype=torch.int64)
     else:
-        head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
-        key = torch.cat([head, step.reshape(1)])
+        # On an accelerator, reading the step would sync with the device and building the head
+        # with torch.tensor(..., device=...) is a blocking host-to-device copy: both would stall
+        # the host on every dropout call.  The head lives on the device, cached per seed.
+        key = torch.cat([_device_head(effective_seed(), stream, step.device), step.reshape(1)])
         step.add_(1)
     checkpoint.record_key(key)
     return key
 
 
+_DEVICE_HEADS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_DEVICE_HEADS_LIMIT = 4096
+
+
+def _device_head(seed: int, stream: int, device: torch.device) -> torch.Tensor:
+    """``[seed, stream]`` as an int64 tensor on ``device``, made once per seed, stream and device."""
+    cache_key = (seed, stream, device)
+    head = _DEVICE_HEADS.get(cache_key)
+    if head is None:
+        if len(_DEVICE_HEADS) >= _DEVICE_HEADS_LIMIT:  # seeds change rarely; bound it anyway
+            _DEVICE_HEADS.clear()
+        head = torch.tensor([seed, stream], dtype=torch.int64).to(device)
+        _DEVICE_HEADS[cache_key] = head
+    return head
+
+
+def to_device_async(key: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU key on ``device`` without blocking the host: a pinned copy, sent non-blocking.
+
+    The caching host allocator keeps the pinned block alive until the copy has run.
+    """
+    if key.device == device:
+        return key
+    if device.type == "cuda":
+        return key.pin_memory().to(device, non_blocking=True)
+    return key.to(device)
+
+
 def draw_functional_key(device: torch.device) -> torch.Tensor:
     """Key for a functional call with no seed: the shared functional stream."""
-    return draw_key(FUNCTIONAL_STREAM, _STATE.functional_step).to(device)
+    return to_device_async(draw_key(FUNCTIONAL_STREAM, _STATE.functional_step), device)
 
 
 def key_from_generator(generator: torch.Generator) -> torch.Tensor:

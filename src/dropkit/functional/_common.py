@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dropkit._validation import check_bool, check_floating_tensor
-from dropkit.engine.streams import draw_functional_key, key_from_generator, make_key
+from dropkit.engine.streams import draw_functional_key, key_from_generator, make_key, to_device_async
 
 SeedLike = int | torch.Tensor | None
 
@@ -22,7 +22,7 @@ def resolve_key(input: torch.Tensor, seed: SeedLike, generator: torch.Generator 
     if seed is not None and generator is not None:
         raise ValueError("pass at most one of seed and generator, got both")
     if generator is not None:
-        return key_from_generator(generator).to(input.device)
+        return to_device_async(key_from_generator(generator), input.device)
     if seed is None:
         return draw_functional_key(input.device)
     if isinstance(seed, torch.Tensor):
@@ -31,7 +31,7 @@ def resolve_key(input: torch.Tensor, seed: SeedLike, generator: torch.Generator 
                 "seed given as a tensor must be an int64 key [seed, stream, step] of shape (3,) "
                 f"(see dropkit.make_key), got dtype {seed.dtype} and shape {tuple(seed.shape)}"
             )
-        return seed.to(input.device)
+        return to_device_async(seed, input.device)
     return make_key(seed, device=input.device)
 
 
