@@ -389,3 +389,58 @@ def test_stochastic_depth_rates_bad_arguments(
 ) -> None:
     with pytest.raises(error, match=match):
         stochastic_depth_rates(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def _skips_and_keeps(stack: LayerDrop, x: torch.Tensor) -> list[bool]:
+    """Find a seed whose draw skips some layers and keeps others; return the decisions."""
+    for seed in range(100):
+        kept = stack.kept_layers(x, seed=seed)
+        if 0 < sum(kept) < len(kept):
+            return [seed, *kept]  # type: ignore[list-item]
+    raise AssertionError("no mixed draw in 100 seeds")
+
+
+@pytest.mark.parametrize("zero_grad_skipped", [True, False])
+def test_layerdrop_gradients_of_skipped_layers(zero_grad_skipped: bool) -> None:
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 5) for _ in range(6)]
+    stack = LayerDrop(layers, 0.5, zero_grad_skipped=zero_grad_skipped)
+    x = torch.randn(3, 5)
+    seed, *kept = _skips_and_keeps(stack, x)
+    out = stack(x, seed=seed)
+    expected = x
+    for layer, keep in zip(layers, kept, strict=True):
+        if keep:
+            expected = layer(expected)
+    assert torch.equal(out, expected), "the anchor must not change the output"
+    out.square().sum().backward()
+    for layer, keep in zip(layers, kept, strict=True):
+        for param in layer.parameters():
+            if keep:
+                assert param.grad is not None
+                assert param.grad.abs().sum() > 0
+            elif zero_grad_skipped:
+                assert param.grad is not None
+                assert torch.equal(param.grad, torch.zeros_like(param))
+            else:
+                assert param.grad is None
+
+
+def test_layerdrop_anchor_never_reads_skipped_weights() -> None:
+    layers = [nn.Linear(4, 4) for _ in range(8)]
+    stack = LayerDrop(layers, 0.5)
+    x = torch.randn(2, 4)
+    seed, *kept = _skips_and_keeps(stack, x)
+    with torch.no_grad():
+        for layer, keep in zip(layers, kept, strict=True):
+            if not keep:
+                layer.weight.fill_(float("inf"))
+    out = stack(x, seed=seed)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    for layer, keep in zip(layers, kept, strict=True):
+        if not keep:
+            assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    # The anchor is added out of place: in-place ops on the output stay legal (a view returned
+    # by an autograd.Function would raise here).
+    stack(x, seed=seed).relu_()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropkit._validation import check_probability
+from dropkit._validation import check_bool, check_probability
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.streams import share_masks_across_ranks
 from dropkit.functional._common import SeedLike, resolve_key
@@ -159,17 +159,25 @@ class LayerDrop(_RandomLayer):
     The draws are made with :func:`dropkit.share_masks_across_ranks` active, so with the same
     global seed (and the same number of training forwards) every ``torch.distributed`` rank skips
     the same layers; an explicit ``seed=`` int is also rank-independent, a ``generator=`` is
-    only if every rank seeds it alike.  The parameters of a skipped layer then receive no
-    gradient in that step on *any* rank.  ``DistributedDataParallel`` expects every parameter to
-    receive a gradient in every iteration unless it is built with ``find_unused_parameters=True``;
-    and since the set of skipped layers changes from step to step, the graph is not static, so do
-    not pass ``static_graph=True``.  dropkit's tests check that the decisions do not depend on the
-    rank; they do not run ``DistributedDataParallel`` with this module.
+    only if every rank seeds it alike.
+
+    ``DistributedDataParallel`` expects every parameter to receive a gradient in every
+    iteration.  By default (``zero_grad_skipped=True``) the parameters of the skipped layers are
+    tied to the output through a zero-valued anchor whose backward gives them exact zero
+    gradients, without reading their values (no NaN from inf weights), so DDP works *without*
+    ``find_unused_parameters``.  A zero gradient is not the same as no gradient for every
+    optimizer: plain SGD leaves such a layer unchanged, but momentum, Adam's moments and
+    decoupled weight decay still move it, exactly as they move any weight whose gradient happens
+    to be zero.  ``zero_grad_skipped=False`` leaves the skipped layers out of the graph (their
+    ``.grad`` stays as it was, so optimizers skip a ``None`` one); DDP then needs
+    ``find_unused_parameters=True``.  Either way the set of skipped layers changes between steps:
+    do not pass ``static_graph=True``.
 
     Args:
         layers: the layers, applied in the order given (a ``ModuleList`` or any iterable of
             modules, at least one).
         p: probability of each layer being skipped, in ``[0, 1]``.
+        zero_grad_skipped: give the skipped layers' parameters zero gradients (see above).
 
     Examples::
 
@@ -182,7 +190,7 @@ class LayerDrop(_RandomLayer):
     Dropout", ICLR 2020 (arXiv:1909.11556).
     """
 
-    def __init__(self, layers: Iterable[nn.Module], p: float) -> None:
+    def __init__(self, layers: Iterable[nn.Module], p: float, *, zero_grad_skipped: bool = True) -> None:
         super().__init__()
         if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList, nn.Sequential)):
             raise TypeError(f"layers must be an iterable of modules, got a single {type(layers).__name__}")
@@ -194,9 +202,10 @@ class LayerDrop(_RandomLayer):
             raise ValueError("layers must hold at least one module, got none")
         self.layers = nn.ModuleList(modules)
         self.p = check_probability(p)
+        self.zero_grad_skipped = check_bool(zero_grad_skipped, "zero_grad_skipped")
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}" + ("" if self.zero_grad_skipped else ", zero_grad_skipped=False")
 
     def kept_layers(
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
@@ -216,7 +225,31 @@ class LayerDrop(_RandomLayer):
         else:
             kept = [True] * len(self.layers)
         output = input
+        skipped: list[torch.Tensor] = []
         for layer, keep in zip(self.layers, kept, strict=True):
             if keep:
                 output = layer(output)
+            elif self.zero_grad_skipped:
+                skipped += [param for param in layer.parameters() if param.requires_grad]
+        if skipped and torch.is_grad_enabled():
+            output = output + _ZeroAnchor.apply(output.dtype, output.device, *skipped)
         return output
+
+
+class _ZeroAnchor(torch.autograd.Function):
+    """A 0-dim zero that depends on ``params``: its backward hands each of them a zero gradient.
+
+    Forward never reads the parameters, so inf or NaN weights cannot leak into the output (as
+    ``0 * param.sum()`` would); the result is added to the activation, an ordinary out-of-place
+    op, so later in-place ops on the output stay legal.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, dtype: torch.dtype, device: torch.device, *params: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [(param.shape, param.dtype, param.device) for param in params]
+        return torch.zeros((), dtype=dtype, device=device)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        zeros = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes)
+        return (None, None, *zeros)
