@@ -319,6 +319,33 @@ def test_pruning_threshold_and_sparse_export() -> None:
     torch.testing.assert_close(mean, F.linear(x, layer.weight, layer.bias))
 
 
+def test_prune_in_training_drops_pruned_weights_from_mean_variance_and_gradient() -> None:
+    layer = SparseVariationalLinear(4, 3, dtype=torch.float64, prune_in_training=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 13.0, dtype=torch.float64).reshape(3, 4))
+        layer.log_sigma2.copy_(torch.log(layer.weight**2) + torch.tensor([-5.0, 2.0, 3.5, 9.0]))
+    assert "prune_in_training=True" in repr(layer)
+    keep = layer.keep_mask()
+    assert keep.tolist() == [[True, True, False, False]] * 3
+    x = torch.randn(7, 4, dtype=torch.float64)
+    mean, variance = layer.moments(x)
+    pruned = layer.weight * keep
+    torch.testing.assert_close(mean, F.linear(x, pruned, layer.bias))
+    torch.testing.assert_close(variance, F.linear(x * x, layer._weight_variance() * keep))
+    # The training output has the pruned layer's moments, and pruned weights get no likelihood
+    # gradient (only the KL reaches their log sigma^2).
+    layer(x, seed=3).sum().backward()
+    assert layer.weight.grad is not None
+    assert layer.log_sigma2.grad is not None
+    assert layer.weight.grad[:, 2:].abs().sum() == 0
+    assert layer.weight.grad[:, :2].abs().sum() > 0
+    assert layer.log_sigma2.grad[:, 2:].abs().sum() == 0
+    # Training and eval now agree in mean: eval is the pruned mean.
+    torch.testing.assert_close(layer.eval()(x), mean)
+    with pytest.raises(TypeError, match="prune_in_training must be a bool"):
+        SparseVariationalLinear(4, 3, prune_in_training=1)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "make",
     [

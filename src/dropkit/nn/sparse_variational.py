@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dropkit._validation import check_bool
 from dropkit.nn.variational import _check_finite_float, _LocalReparameterization
 
 __all__ = [
@@ -81,9 +82,12 @@ def molchanov_kl(log_alpha: torch.Tensor) -> torch.Tensor:
 class _SparseVariationalBase(_LocalReparameterization):
     log_sigma2: nn.Parameter
 
-    def _setup_sigma(self, init_log_sigma2: float, threshold: float, factory: dict[str, Any]) -> None:
+    def _setup_sigma(
+        self, init_log_sigma2: float, threshold: float, prune_in_training: bool, factory: dict[str, Any]
+    ) -> None:
         value = _check_finite_float(init_log_sigma2, "init_log_sigma2")
         self.threshold = _check_finite_float(threshold, "threshold")
+        self.prune_in_training = check_bool(prune_in_training, "prune_in_training")
         self.log_sigma2 = nn.Parameter(torch.full(self.weight.shape, value, **factory))
 
     @property
@@ -98,6 +102,11 @@ class _SparseVariationalBase(_LocalReparameterization):
 
     def _weight_variance(self) -> torch.Tensor:
         return self.log_alpha.exp() * self.weight * self.weight
+
+    def _training_mask(self) -> torch.Tensor | None:
+        # The mask is a constant of the step (detached): pruned weights get no gradient through
+        # the likelihood, only the KL's, which keeps pushing their log alpha up.
+        return self.keep_mask().to(self.weight.dtype) if self.prune_in_training else None
 
     def _eval_weight(self) -> torch.Tensor:
         return self.weight * self.keep_mask()
@@ -140,7 +149,8 @@ class _SparseVariationalBase(_LocalReparameterization):
         return self._plain_layer(self.pruned_weight())
 
     def extra_repr(self) -> str:
-        return self._geometry_repr() + f", threshold={self.threshold}"
+        text = self._geometry_repr() + f", threshold={self.threshold}"
+        return text + (", prune_in_training=True" if self.prune_in_training else "")
 
 
 _SPARSE_DOC = r"""
@@ -161,6 +171,9 @@ _SPARSE_DOC = r"""
         bias: learn an additive bias. Default: ``True``
         threshold: weights with :math:`\log\alpha \ge` ``threshold`` are pruned in eval. Default: 3.0
         init_log_sigma2: initial :math:`\log\sigma^2` of every weight. Default: -10.0
+        prune_in_training: also drop the pruned weights from the training forward (mean and
+            variance), as Molchanov et al. describe; the mask is re-read every call. Default:
+            ``False`` (pruning in eval only).
         device, dtype: of the parameters.
 
     Shape:
@@ -205,13 +218,14 @@ class SparseVariationalLinear(_SparseVariationalBase):
         *,
         threshold: float = 3.0,
         init_log_sigma2: float = -10.0,
+        prune_in_training: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self._setup_linear(in_features, out_features, bias, factory)
-        self._setup_sigma(init_log_sigma2, threshold, factory)
+        self._setup_sigma(init_log_sigma2, threshold, prune_in_training, factory)
 
 
 class _SparseVariationalConvNd(_SparseVariationalBase):
@@ -230,6 +244,7 @@ class _SparseVariationalConvNd(_SparseVariationalBase):
         *,
         threshold: float = 3.0,
         init_log_sigma2: float = -10.0,
+        prune_in_training: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -247,7 +262,7 @@ class _SparseVariationalConvNd(_SparseVariationalBase):
             bias,
             factory,
         )
-        self._setup_sigma(init_log_sigma2, threshold, factory)
+        self._setup_sigma(init_log_sigma2, threshold, prune_in_training, factory)
 
 
 def _conv_doc(n: int, spatial: str) -> str:

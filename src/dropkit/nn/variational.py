@@ -292,9 +292,18 @@ class _LocalReparameterization(_RandomLayer):
         the layer applied to :math:`x^2` with the weight variances and no bias.
         """
         input = self._check_input(input)
-        mean = self._affine(input, self.weight, self.bias)
-        variance = self._affine(input * input, self._weight_variance(), None)
+        weight: torch.Tensor = self.weight
+        weight_variance = self._weight_variance()
+        mask = self._training_mask()
+        if mask is not None:
+            weight, weight_variance = weight * mask, weight_variance * mask
+        mean = self._affine(input, weight, self.bias)
+        variance = self._affine(input * input, weight_variance, None)
         return mean, variance
+
+    def _training_mask(self) -> torch.Tensor | None:
+        """Weights used in training (1) or pruned from it (0); ``None``: all of them."""
+        return None
 
     def forward(
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
