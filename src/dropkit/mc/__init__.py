@@ -1,0 +1,1 @@
+"""Monte Carlo dropout: sampling modes and T-sample prediction for predictive uncertainty."""

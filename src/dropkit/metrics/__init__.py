@@ -1,0 +1,1 @@
+"""Uncertainty and calibration metrics for Monte Carlo samples (classification and regression)."""

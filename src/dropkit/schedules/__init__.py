@@ -1,0 +1,1 @@
+"""Dropout-rate schedules and their attachment to models."""
