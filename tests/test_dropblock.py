@@ -13,10 +13,13 @@ from dropkit.engine.masks import realised_drop_probability
 from dropkit.functional.dropblock import (
     block_geometry,
     block_keep_mask,
+    coverage_multiplicities,
     drop_block,
     drop_block1d,
     drop_block2d,
     drop_block3d,
+    exact_seed_rate,
+    expected_drop_fraction,
     seed_rate,
 )
 from dropkit.nn.dropblock import DropBlock1d, DropBlock2d, DropBlock3d
@@ -81,6 +84,40 @@ def test_realised_drop_rate_matches_p(
     tolerance = SIGMAS * block_volume * math.sqrt(n_seeds * gamma * (1.0 - gamma)) / n_units
     assert tolerance < p / 5, "the case is too small to say anything"
     assert abs(dropped - expected) <= tolerance, (dropped, expected, tolerance)
+
+
+@pytest.mark.parametrize(("p", "block_size", "feature", "batch", "channels"), RATE_CASES)
+def test_exact_rate_realises_p(
+    p: float, block_size: int, feature: list[int], batch: int, channels: int
+) -> None:
+    rank = len(feature)
+    counts = _coverage_counts(feature, block_size)
+    multiplicities = coverage_multiplicities(feature, block_size)
+    # The multiset equals the brute-force per-unit counts.
+    values, frequencies = torch.unique(counts, return_counts=True)
+    assert multiplicities == {int(v): int(f) for v, f in zip(values, frequencies, strict=True)}
+    gamma = exact_seed_rate(p, feature, block_size)
+    assert abs(expected_drop_fraction(gamma, multiplicities) - p) < 1e-12
+    assert gamma > seed_rate(p, feature, block_size), "the paper's gamma undershoots when blocks overlap"
+
+    x = torch.ones(batch, channels, *feature)
+    dropped = float(
+        (FUNCTIONALS[rank](x, p, block_size=block_size, exact_rate=True, seed=11) == 0).double().mean()
+    )
+    blocks, valid = block_geometry(feature, block_size)
+    realised = realised_drop_probability(gamma)  # the engine quantises gamma to 2**-16
+    # d(fraction)/d(gamma) <= mean(n_j): the quantisation moves the expectation by at most this.
+    quantisation = abs(realised - gamma) * float(counts.mean())
+    n_seeds = batch * channels * math.prod(valid)
+    n_units = batch * channels * math.prod(feature)
+    tolerance = SIGMAS * math.prod(blocks) * math.sqrt(n_seeds * realised * (1.0 - realised)) / n_units
+    assert tolerance < p / 5
+    assert abs(dropped - p) <= tolerance + quantisation, (dropped, p, tolerance)
+    module = MODULES[rank](p, block_size, exact_rate=True)
+    assert "exact_rate=True" in repr(module)
+    assert torch.equal(
+        module(x, seed=11), FUNCTIONALS[rank](x, p, block_size=block_size, exact_rate=True, seed=11)
+    )
 
 
 @pytest.mark.parametrize(

@@ -29,16 +29,18 @@ class _DropBlockBase(_DropoutBase):
         channels_last: bool = False,
         shared_channels: bool = False,
         per_sample_renorm: bool = False,
+        exact_rate: bool = False,
     ) -> None:
         super().__init__(p, inplace)
         self.block_size = _check_block_size(block_size)
         self.channels_last = check_bool(channels_last, "channels_last")
         self.shared_channels = check_bool(shared_channels, "shared_channels")
         self.per_sample_renorm = check_bool(per_sample_renorm, "per_sample_renorm")
+        self.exact_rate = check_bool(exact_rate, "exact_rate")
 
     def extra_repr(self) -> str:
         extra = f"p={self.p}, block_size={self.block_size}, inplace={self.inplace}"
-        for name in ("channels_last", "shared_channels", "per_sample_renorm"):
+        for name in ("channels_last", "shared_channels", "per_sample_renorm", "exact_rate"):
             if getattr(self, name):
                 extra += f", {name}=True"
         return extra
@@ -49,6 +51,7 @@ class _DropBlockBase(_DropoutBase):
             "channels_last": self.channels_last,
             "shared_channels": self.shared_channels,
             "per_sample_renorm": self.per_sample_renorm,
+            "exact_rate": self.exact_rate,
         }
 
     def forward(
@@ -86,6 +89,9 @@ class DropBlock1d(_DropBlockBase):
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``
         per_sample_renorm: rescale each sample by its own kept fraction instead of the batch's.
+        exact_rate: solve :math:`\gamma` numerically so that the expected fraction of dropped
+            units is exactly :math:`p`, instead of the paper's formula (which realises slightly
+            less, e.g. 0.094 for p = 0.1, block 7 on 32 x 32). Default: ``False``
             Default: ``False``
 
     Shape:
@@ -125,7 +131,8 @@ class DropBlock2d(_DropBlockBase):
        clipped to :math:`[0, 1]`, so that :math:`\gamma` times the mean number of seeds covering a
        unit equals :math:`p` (the realised fraction is slightly below :math:`p` because blocks may
        overlap: a unit covered by :math:`n` seed positions is dropped with probability
-       :math:`1 - (1 - \gamma)^n \le n\gamma`);
+       :math:`1 - (1 - \gamma)^n \le n\gamma`; ``exact_rate=True`` solves
+       :math:`\operatorname{mean}_j\,[1 - (1 - \gamma)^{n_j}] = p` for :math:`\gamma` instead);
     2. a seed at :math:`(i, j)` drops the block :math:`[i, i + b_h) \times [j, j + b_w)`, i.e.
        :math:`\text{mask} = 1 - \text{maxpool}(s, b, \text{stride } 1)` aligned so that no block
        hangs off the map, for odd and even :math:`b` alike;
@@ -147,6 +154,9 @@ class DropBlock2d(_DropBlockBase):
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``
         per_sample_renorm: rescale each sample by its own kept fraction instead of the batch's.
+        exact_rate: solve :math:`\gamma` numerically so that the expected fraction of dropped
+            units is exactly :math:`p`, instead of the paper's formula (which realises slightly
+            less, e.g. 0.094 for p = 0.1, block 7 on 32 x 32). Default: ``False``
             Default: ``False``
 
     Shape:
@@ -191,6 +201,9 @@ class DropBlock3d(_DropBlockBase):
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``
         per_sample_renorm: rescale each sample by its own kept fraction instead of the batch's.
+        exact_rate: solve :math:`\gamma` numerically so that the expected fraction of dropped
+            units is exactly :math:`p`, instead of the paper's formula (which realises slightly
+            less, e.g. 0.094 for p = 0.1, block 7 on 32 x 32). Default: ``False``
             Default: ``False``
 
     Shape:
