@@ -1,0 +1,285 @@
+"""WeightDrop: DropConnect of named weights (RNN hidden-to-hidden by default), one mask per forward."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import dropkit
+from dropkit.engine.masks import keep_mask, realised_drop_probability
+from dropkit.nn.weight_drop import WeightDrop
+from tests.conftest import binomial_tolerance
+
+RNNS = [nn.LSTM, nn.GRU, nn.RNN]
+
+
+def _rnn(cls: type[nn.RNNBase], dtype: torch.dtype = torch.float32, **kwargs: object) -> nn.RNNBase:
+    return cls(3, 6, num_layers=2, bidirectional=True, **kwargs).to(dtype)  # type: ignore[arg-type]
+
+
+def _reference_masks(m: WeightDrop, seed: int) -> dict[str, torch.Tensor]:
+    """The documented layout: weight i reads its slice of one draw of shape (sum numel,)."""
+    weights = dict(m.module.named_parameters())
+    sizes = [weights[name].numel() for name in m.weights]
+    keep = keep_mask(dropkit.make_key(seed), m.p, (sum(sizes),))
+    return {
+        name: part.reshape(weights[name].shape)
+        for name, part in zip(m.weights, keep.split(sizes), strict=True)
+    }
+
+
+def _with_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    reference = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, value in weights.items():
+            reference.get_parameter(name).copy_(value)
+    return reference
+
+
+# --- defaults and masks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", RNNS)
+def test_default_weights_are_every_hidden_to_hidden_matrix(cls: type[nn.RNNBase]) -> None:
+    m = WeightDrop(_rnn(cls), 0.5)
+    assert m.weights == ("weight_hh_l0", "weight_hh_l0_reverse", "weight_hh_l1", "weight_hh_l1_reverse")
+    assert WeightDrop(cls(2, 4), 0.5).weights == ("weight_hh_l0",)
+
+
+@pytest.mark.parametrize("cls", RNNS)
+def test_training_output_is_the_module_with_masked_weights(cls: type[nn.RNNBase]) -> None:
+    # A fixed masked matrix reproduces the output: the mask is the same at every time step.
+    p, seed = 0.4, 3
+    rnn = _rnn(cls, torch.float64)
+    m = WeightDrop(rnn, p)
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    masks = _reference_masks(m, seed)
+    masked = {name: torch.where(masks[name], rnn.get_parameter(name) / (1 - p), 0.0) for name in m.weights}
+    expected = _with_weights(rnn, masked)(x)[0]
+    torch.testing.assert_close(m(x, seed=seed)[0], expected, rtol=1e-12, atol=1e-12)
+    dropped = m.dropped_weights(seed=seed)
+    for name in m.weights:
+        assert torch.equal(dropped[name], masked[name])
+        assert 0 < int((~masks[name]).sum()) < masks[name].numel()
+
+
+def test_masked_entries_are_zero_or_scaled_and_the_rate_is_right() -> None:
+    p = 0.3
+    m = WeightDrop(nn.LSTM(8, 64, num_layers=2), p)
+    dropped = m.dropped_weights(seed=4)
+    n = 0
+    zeros = 0
+    for name, value in dropped.items():
+        raw = m.module.get_parameter(name)
+        kept = value != 0
+        torch.testing.assert_close(value[kept], raw[kept] / (1 - p), rtol=1e-6, atol=0.0)
+        n += value.numel()
+        zeros += int((~kept).sum())
+    assert abs(zeros / n - realised_drop_probability(p)) <= binomial_tolerance(p, n)
+    first, second = dropped["weight_hh_l0"] != 0, dropped["weight_hh_l1"] != 0
+    assert not torch.equal(first, second), "each weight reads its own part of the draw"
+
+
+def test_one_fresh_mask_per_forward_and_reproducible_stream() -> None:
+    dropkit.manual_seed(5)
+    m = WeightDrop(nn.GRU(3, 6), 0.5)
+    x = torch.randn(4, 2, 3)
+    first, second = m(x)[0], m(x)[0]
+    assert not torch.equal(first, second)
+    dropkit.manual_seed(5)
+    assert torch.equal(m(x)[0], first)
+    key = dropkit.make_key(5, m.rng_stream, 1)
+    assert torch.equal(m(x, seed=key)[0], second)
+
+
+@pytest.mark.parametrize("cls", RNNS)
+def test_gradients_reach_the_raw_weights(cls: type[nn.RNNBase]) -> None:
+    p, seed = 0.5, 6
+    rnn = _rnn(cls, torch.float64)
+    m = WeightDrop(rnn, p)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    m(x, seed=seed)[0].square().sum().backward()
+    masks = _reference_masks(m, seed)
+    masked = {name: torch.where(masks[name], rnn.get_parameter(name) / (1 - p), 0.0) for name in m.weights}
+    reference = _with_weights(rnn, masked)
+    reference(x)[0].square().sum().backward()
+    for name, param in rnn.named_parameters():
+        assert param.grad is not None, name
+        ref_grad = reference.get_parameter(name).grad
+        assert ref_grad is not None
+        if name in m.weights:  # dW = mask / q * dW~: zero exactly where dropped
+            expected = torch.where(masks[name], ref_grad / (1 - p), 0.0)
+            torch.testing.assert_close(param.grad, expected, rtol=1e-10, atol=1e-12)
+            assert bool((param.grad[~masks[name]] == 0).all())
+        else:
+            torch.testing.assert_close(param.grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_eval_uses_the_raw_weights() -> None:
+    lstm = nn.LSTM(3, 5)
+    m = WeightDrop(lstm, 0.9).eval()
+    x = torch.randn(4, 2, 3)
+    assert torch.equal(m(x)[0], lstm(x)[0])
+    assert torch.equal(WeightDrop(lstm, 0.0)(x)[0], lstm(x)[0])
+
+
+def test_non_inverted_trains_unscaled_and_evaluates_with_q_w() -> None:
+    p = 0.25
+    lin = nn.Linear(6, 4)
+    m = WeightDrop(lin, p, weights="weight", inverted=False)
+    w = m.dropped_weights(seed=7)["weight"]
+    kept = w != 0
+    assert torch.equal(w[kept], lin.weight[kept]), "no rescaling while training"
+    x = torch.randn(3, 6)
+    expected = torch.nn.functional.linear(x, lin.weight * (1 - p), lin.bias)
+    torch.testing.assert_close(m.eval()(x), expected)
+    assert "inverted=False" in repr(m)
+
+
+def test_extreme_rates() -> None:
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("inf")
+    w = WeightDrop(lin, 1.0, weights="weight").dropped_weights(seed=1)["weight"]
+    assert torch.equal(w, torch.zeros(2, 3)), "p = 1 gives exact zeros, never NaN"
+    unchanged = WeightDrop(lin, 0.0, weights="weight").dropped_weights(seed=1)["weight"]
+    assert torch.equal(unchanged, lin.weight), "p = 0 keeps every weight unscaled"
+
+
+def test_expectation_of_the_dropped_weight() -> None:
+    p = 0.25
+    q = 1 - p
+    lin = nn.Linear(200, 200, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(q)
+    w = WeightDrop(lin, p, weights="weight").dropped_weights(seed=8)["weight"]
+    assert set(w.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(w.detach().double().mean()) - q) <= binomial_tolerance(q, w.numel())
+
+
+# --- any module, keyword arguments --------------------------------------------------------------
+
+
+def test_any_module_and_nested_names() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    m = WeightDrop(net, 0.5, weights=["0.weight", "2.weight"])
+    x = torch.randn(3, 4)
+    masks = _reference_masks(m, 9)
+    masked = {n: torch.where(masks[n], net.get_parameter(n) * 2.0, 0.0) for n in m.weights}
+    torch.testing.assert_close(m(x, seed=9), _with_weights(net, masked)(x))
+
+
+def test_arguments_pass_through() -> None:
+    lstm = nn.LSTM(3, 5, batch_first=True)
+    m = WeightDrop(lstm, 0.5).eval()
+    x = torch.randn(2, 4, 3)
+    h0 = (torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+    assert torch.equal(m(x, h0)[0], lstm(x, h0)[0])
+    assert torch.equal(m(x, hx=h0)[0], lstm(x, h0)[0])
+    out, _ = m.train()(x, h0, seed=2)
+    assert out.shape == (2, 4, 5)
+
+
+def test_packed_sequence_input() -> None:
+    lstm = nn.LSTM(3, 5)
+    m = WeightDrop(lstm, 0.5)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(4, 3, 3), torch.tensor([4, 2, 1]))
+    out, _ = m(packed, seed=3)
+    reference = _with_weights(lstm, m.dropped_weights(seed=3))(packed)[0]
+    assert torch.equal(out.data, reference.data)
+
+
+def test_gradcheck_float64() -> None:
+    rnn = nn.GRU(2, 3).double()
+    m = WeightDrop(rnn, 0.5)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = rnn.weight_hh_l0.detach().clone().requires_grad_(True)
+
+    def fn(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return functional_call(m, {"module.weight_hh_l0": weight}, (inp,), {"seed": 11})[0]
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+
+
+def test_no_warnings_in_forward_and_backward() -> None:
+    m = WeightDrop(nn.LSTM(3, 5, num_layers=2), 0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m(torch.randn(4, 2, 3))[0].sum().backward()
+        m.eval()(torch.randn(4, 2, 3))
+    assert caught == []
+
+
+# --- state dicts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", RNNS)
+def test_state_dict_round_trips_with_the_plain_module(cls: type[nn.RNNBase]) -> None:
+    plain = _rnn(cls)
+    wrapped = WeightDrop(_rnn(cls), 0.5)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    wrapped.load_state_dict(plain.state_dict())
+    for name, value in plain.state_dict().items():
+        assert torch.equal(wrapped.module.get_parameter(name), value)
+    other = _rnn(cls)
+    other.load_state_dict(wrapped.state_dict())
+    x = torch.randn(3, 2, 3)
+    assert torch.equal(other(x)[0], wrapped.eval()(x)[0])
+
+
+def test_state_dict_inside_a_model_and_prefixed_keys() -> None:
+    plain_model = nn.Sequential(nn.LSTM(3, 4), nn.Identity())
+    wrapped_model = nn.Sequential(WeightDrop(nn.LSTM(3, 4), 0.5), nn.Identity())
+    assert list(wrapped_model.state_dict()) == list(plain_model.state_dict())
+    wrapped_model.load_state_dict(plain_model.state_dict())
+    plain_model.load_state_dict(wrapped_model.state_dict())
+    prefixed = {f"0.module.{k[2:]}": v for k, v in plain_model.state_dict().items()}
+    wrapped_model.load_state_dict(prefixed)  # keys of the wrapper's attribute load too
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        wrapped_model.load_state_dict({**plain_model.state_dict(), "0.extra": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        wrapped_model.load_state_dict({"0.weight_hh_l0": plain_model.state_dict()["0.weight_hh_l0"]})
+
+
+def test_pickle_deepcopy_and_repr() -> None:
+    m = WeightDrop(nn.LSTM(3, 4), 0.5)
+    x = torch.randn(2, 1, 3)
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert torch.equal(clone(x, seed=1)[0], m(x, seed=1)[0])
+        assert list(clone.state_dict()) == list(m.module.state_dict())
+    assert "p=0.5, weights=['weight_hh_l0']" in repr(m)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_bad_arguments() -> None:
+    lstm = nn.LSTM(3, 4)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 1.5"):
+        WeightDrop(lstm, 1.5)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got -0.1"):
+        WeightDrop(lstm, -0.1)
+    with pytest.raises(ValueError, match="'weight_hh_l3', which is not a parameter of LSTM"):
+        WeightDrop(lstm, 0.5, weights="weight_hh_l3")
+    with pytest.raises(ValueError, match="at least one parameter"):
+        WeightDrop(lstm, 0.5, weights=[])
+    with pytest.raises(ValueError, match="must not repeat"):
+        WeightDrop(lstm, 0.5, weights=["weight_hh_l0", "weight_hh_l0"])
+    with pytest.raises(TypeError, match="must contain str"):
+        WeightDrop(lstm, 0.5, weights=[0])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="must be a str or a sequence"):
+        WeightDrop(lstm, 0.5, weights=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weights must name the parameters to drop for a Linear"):
+        WeightDrop(nn.Linear(2, 2), 0.5)
+    with pytest.raises(TypeError, match=r"module must be an nn\.Module"):
+        WeightDrop(lambda x: x, 0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="inverted must be a bool"):
+        WeightDrop(lstm, 0.5, inverted=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="seed and generator"):
+        WeightDrop(lstm, 0.5)(torch.randn(2, 1, 3), seed=1, generator=torch.Generator())
