@@ -14,6 +14,7 @@ __all__ = [
     "check_int",
     "check_nonnegative",
     "check_probability",
+    "check_probability_tensor",
     "check_min_rank",
     "check_rank",
     "normalize_dims",
@@ -35,6 +36,19 @@ def check_probability(p: object, name: str = "p") -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {p!r}")
     return value
+
+
+def check_probability_tensor(p: torch.Tensor, name: str = "p") -> torch.Tensor:
+    """A rate held in a tensor: one element, floating point, no grad (the value is checked where
+    it is read)."""
+    if not p.is_floating_point():
+        raise TypeError(f"{name} given as a tensor must be floating point, got dtype {p.dtype}")
+    if p.numel() != 1 or p.dim() > 1 or p.requires_grad:
+        raise ValueError(
+            f"{name} given as a tensor must have shape () or (1,) and not require grad, got shape "
+            f"{tuple(p.shape)} and requires_grad={p.requires_grad}"
+        )
+    return p
 
 
 def check_nonnegative(value: object, name: str) -> float:

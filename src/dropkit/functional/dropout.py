@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from dropkit._validation import check_bool, check_probability, check_rank, normalize_dims
+from dropkit._validation import (
+    check_bool,
+    check_probability,
+    check_probability_tensor,
+    check_rank,
+    normalize_dims,
+)
 from dropkit.engine import ops
 from dropkit.functional._common import SeedLike, check_common, finish, resolve_key, scale_by
 
@@ -46,9 +53,89 @@ def dropout(
     return finish(input, output, inplace)
 
 
+# --- rates held in tensors ---------------------------------------------------------------------
+# dropkit's modules mirror ``p`` into a one-element float64 tensor and, while ``torch.compile`` traces
+# them, pass that tensor to the private variants below instead of the float: the compiled graph
+# then takes the rate as an input and reads it when it runs, so assigning ``module.p`` between
+# calls (a rate schedule) neither recompiles nor specializes the graph.  Eagerly the variants
+# read the value and run the float path, so masks and outputs are bit-identical either way.
+
+
+def _dropout_tensor_rate(
+    input: torch.Tensor,
+    p: torch.Tensor,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    inverted: bool = True,
+    broadcast_dims: int | Sequence[int] = (),
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`dropout` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)``."""
+    check_probability_tensor(p)
+    if not torch.compiler.is_compiling():
+        return dropout(
+            input,
+            float(p),
+            training,
+            inplace,
+            inverted=inverted,
+            broadcast_dims=broadcast_dims,
+            seed=seed,
+            generator=generator,
+        )
+    input = check_common(input, training, inplace)
+    check_bool(inverted, "inverted")
+    dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
+    p = p.reshape(())
+    if not training:
+        if inverted:
+            return input
+        # 1 - p in float64 (as the float path computes it), rounded once to the compute dtype.
+        compute = ops.compute_dtype(input.dtype)
+        keep_prob = (1.0 - p.to(torch.float64)).to(device=input.device, dtype=compute)
+        return finish(input, (input.to(compute) * keep_prob).to(input.dtype), inplace)
+    key = resolve_key(input, seed, generator)
+    return finish(input, dropout_tensor_rate_op(input, key, p, dims, inverted), inplace)
+
+
+@torch.library.custom_op("dropkit::dropout_tensor_rate", mutates_args=())
+def dropout_tensor_rate_op(
+    x: torch.Tensor, key: torch.Tensor, p: torch.Tensor, broadcast_dims: list[int], inverted: bool
+) -> torch.Tensor:
+    """Dropout of ``x`` with the rate held in the one-element tensor ``p``: reads ``p`` and runs
+    ``dropkit::masked_affine`` with the same arguments as the float path (same bits)."""
+    rate = check_probability(float(p))
+    keep_scale = ops.inverted_scale(rate) if inverted else 1.0
+    return ops.masked_affine(x, key, rate, broadcast_dims, keep_scale, 0.0, 0.0)
+
+
+@dropout_tensor_rate_op.register_fake
+def _(
+    x: torch.Tensor, key: torch.Tensor, p: torch.Tensor, broadcast_dims: list[int], inverted: bool
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _tensor_rate_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    # The key and the rate: zero bytes per element, like dropkit::masked_affine.
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.broadcast_dims, ctx.inverted = inputs[3], inputs[4]
+
+
+def _tensor_rate_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    # d/dx where(keep, x * s, 0) = where(keep, dy * s, 0): the same op on dy.
+    key, p = ctx.saved_tensors
+    return dropout_tensor_rate_op(grad, key, p, ctx.broadcast_dims, ctx.inverted), None, None, None, None
+
+
+dropout_tensor_rate_op.register_autograd(_tensor_rate_backward, setup_context=_tensor_rate_setup)
+
+
 def _channel_dropout(
     input: torch.Tensor,
-    p: float,
+    p: Any,
     training: bool,
     inplace: bool,
     channels_last: bool,
@@ -56,6 +143,7 @@ def _channel_dropout(
     name: str,
     seed: SeedLike,
     generator: torch.Generator | None,
+    op: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     input = check_common(input, training, inplace)
     check_bool(channels_last, "channels_last")
@@ -65,7 +153,8 @@ def _channel_dropout(
     batched = input.dim() == spatial_rank + 2
     first_spatial = (1 if batched else 0) + (0 if channels_last else 1)
     spatial = list(range(first_spatial, first_spatial + spatial_rank))
-    return dropout(input, p, training, inplace, broadcast_dims=spatial, seed=seed, generator=generator)
+    op = dropout if op is None else op
+    return op(input, p, training, inplace, broadcast_dims=spatial, seed=seed, generator=generator)
 
 
 def dropout1d(
@@ -108,3 +197,40 @@ def dropout3d(
 ) -> torch.Tensor:
     """Zero whole channels of ``(N, C, D, H, W)`` / ``(C, D, H, W)``; see :class:`dropkit.nn.Dropout3d`."""
     return _channel_dropout(input, p, training, inplace, channels_last, 3, "dropout3d", seed, generator)
+
+
+def _channel_tensor_rate(spatial_rank: int, name: str) -> Callable[..., torch.Tensor]:
+    def channel_dropout(
+        input: torch.Tensor,
+        p: torch.Tensor,
+        training: bool = True,
+        inplace: bool = False,
+        *,
+        channels_last: bool = False,
+        seed: SeedLike = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        check_probability_tensor(p)
+        return _channel_dropout(
+            input,
+            p,
+            training,
+            inplace,
+            channels_last,
+            spatial_rank,
+            name,
+            seed,
+            generator,
+            _dropout_tensor_rate,
+        )
+
+    return channel_dropout
+
+
+#: The public functionals and their variants that take ``p`` as a one-element tensor.
+TENSOR_RATE_VARIANTS: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {
+    dropout: _dropout_tensor_rate,
+    dropout1d: _channel_tensor_rate(1, "dropout1d"),
+    dropout2d: _channel_tensor_rate(2, "dropout2d"),
+    dropout3d: _channel_tensor_rate(3, "dropout3d"),
+}

@@ -11,6 +11,7 @@ from torch import nn
 from dropkit._validation import check_bool, check_probability
 from dropkit.engine.streams import allocate_stream, draw_key, register_step_owner
 from dropkit.functional._common import SeedLike
+from dropkit.functional.dropout import TENSOR_RATE_VARIANTS
 
 
 class _RandomLayer(nn.Module):
@@ -65,10 +66,10 @@ class _UnaryRandomLayer(_RandomLayer):
         """Apply the layer; ``seed`` (int or key) or ``generator`` fix the randomness of this call."""
         if self.training:
             seed = self._key(input, seed, generator)
-        functional = type(self)._functional
+        functional, rate = self._functional_and_rate()
         return functional(
             input,
-            self._rate(),
+            rate,
             self.training,
             self.inplace,
             seed=seed,
@@ -76,20 +77,71 @@ class _UnaryRandomLayer(_RandomLayer):
             **self._options(),
         )
 
+    def _functional_and_rate(self) -> tuple[Callable[..., torch.Tensor], float | torch.Tensor]:
+        """The op this call runs and its rate argument."""
+        return type(self)._functional, self._rate()
+
 
 class _DropoutBase(_UnaryRandomLayer):
-    """Holds and validates ``p`` and ``inplace``; subclasses add their own options."""
+    """Holds and validates ``p`` and ``inplace``; subclasses add their own options.
+
+    ``p`` is a float property, validated on every assignment and mirrored in place into
+    ``p_tensor``, a float64 CPU tensor of shape ``(1,)`` (a plain attribute: not a buffer, not in
+    ``state_dict``, not moved or cast by ``.to()``; not 0-dim, which dynamo would turn into a
+    symbolic float).  Where the functional has a tensor-rate
+    variant (``Dropout``, ``Dropout1d/2d/3d``), a compiled forward reads ``p_tensor`` as a graph
+    input, so assigning ``p`` between calls of a ``torch.compile``-d model (a rate schedule)
+    changes the rate without recompiling; eager forwards use the float.
+    """
+
+    _tensor_rate_functional: ClassVar[Callable[..., torch.Tensor] | None] = None
+    _p: float
+    p_tensor: torch.Tensor
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The variant of the functional that takes p as a tensor, where there is one.
+        functional = getattr(cls, "_functional", None)
+        cls._tensor_rate_functional = None if functional is None else TENSOR_RATE_VARIANTS.get(functional)
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__()
-        self.p = check_probability(p)
+        self.p = p
         self.inplace = check_bool(inplace, "inplace")
+
+    @property
+    def p(self) -> float:
+        """The drop probability, in ``[0, 1]``."""
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        value = check_probability(value)
+        self.__dict__["_p"] = value
+        holder = self.__dict__.get("p_tensor")
+        if holder is None or holder.is_inference():
+            self.__dict__["p_tensor"] = torch.tensor([value], dtype=torch.float64)
+        else:
+            holder.fill_(value)  # in place: compiled graphs hold this tensor as an input
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"
 
     def _rate(self) -> float:
         return self.p
+
+    def _functional_and_rate(self) -> tuple[Callable[..., torch.Tensor], float | torch.Tensor]:
+        variant = type(self)._tensor_rate_functional
+        if variant is not None and torch.compiler.is_compiling():
+            return variant, self.p_tensor  # a graph input: a new p needs no recompilation
+        return super()._functional_and_rate()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_p" not in state and "p" in state:  # pickled before p became a property
+            state = dict(state)
+            state["_p"] = state.pop("p")
+            state["p_tensor"] = torch.tensor([state["_p"]], dtype=torch.float64)
+        super().__setstate__(state)
 
 
 class _ChannelDropoutBase(_DropoutBase):
