@@ -1,1 +1,34 @@
-"""Monte Carlo dropout: sampling modes and T-sample prediction for predictive uncertainty."""
+"""Monte Carlo dropout: sampling modes, T-sample prediction with chunking and trunk caching,
+and streaming statistics over samples."""
+
+from dropkit.mc.mode import AttentionDropoutNotFoundWarning as AttentionDropoutNotFoundWarning
+from dropkit.mc.mode import MCDropoutHandle as MCDropoutHandle
+from dropkit.mc.mode import MCDropoutWarning as MCDropoutWarning
+from dropkit.mc.mode import NoDropoutFoundWarning as NoDropoutFoundWarning
+from dropkit.mc.mode import active_handle as active_handle
+from dropkit.mc.mode import enable_mc_dropout as enable_mc_dropout
+from dropkit.mc.mode import mc_dropout as mc_dropout
+from dropkit.mc.sampling import DEFAULT_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
+from dropkit.mc.sampling import iter_mc_samples as iter_mc_samples
+from dropkit.mc.sampling import mc_predict as mc_predict
+from dropkit.mc.streaming import MCSummary as MCSummary
+from dropkit.mc.streaming import RunningMoments as RunningMoments
+from dropkit.mc.trunk import TrunkSplit as TrunkSplit
+from dropkit.mc.trunk import split_trunk as split_trunk
+
+__all__ = [
+    "AttentionDropoutNotFoundWarning",
+    "DEFAULT_MEMORY_BUDGET",
+    "MCDropoutHandle",
+    "MCDropoutWarning",
+    "MCSummary",
+    "NoDropoutFoundWarning",
+    "RunningMoments",
+    "TrunkSplit",
+    "active_handle",
+    "enable_mc_dropout",
+    "iter_mc_samples",
+    "mc_dropout",
+    "mc_predict",
+    "split_trunk",
+]
