@@ -3,11 +3,16 @@
 Layout: :mod:`dropkit.engine` (Philox bits, streams and keys, reference masks, custom ops),
 :mod:`dropkit.kernels` (fused CPU/CUDA kernels and their dispatch),
 :mod:`dropkit.functional` (pure ops), :mod:`dropkit.nn` (modules),
+:mod:`dropkit.schedules` (dropout-rate schedules), :mod:`dropkit.mc` (Monte Carlo dropout),
+:mod:`dropkit.metrics` (uncertainty and calibration metrics),
 :mod:`dropkit.experiments` (demos and reproductions).
 """
 
 from dropkit import functional as functional
+from dropkit import mc as mc
+from dropkit import metrics as metrics
 from dropkit import nn as nn
+from dropkit import schedules as schedules
 from dropkit._version import __version__ as __version__
 from dropkit.engine.checkpoint import UnmanagedRecomputeError as UnmanagedRecomputeError
 from dropkit.engine.checkpoint import checkpoint as checkpoint
@@ -19,6 +24,8 @@ from dropkit.engine.streams import manual_seed as manual_seed
 from dropkit.engine.streams import masks_shared_across_ranks as masks_shared_across_ranks
 from dropkit.engine.streams import share_masks_across_ranks as share_masks_across_ranks
 from dropkit.kernels import use_reference_engine as use_reference_engine
+from dropkit.mc.mode import mc_dropout as mc_dropout
+from dropkit.mc.sampling import mc_predict as mc_predict
 
 __all__ = [
     "UnmanagedRecomputeError",
@@ -29,9 +36,14 @@ __all__ = [
     "initial_seed",
     "make_key",
     "manual_seed",
+    "mc",
+    "mc_dropout",
+    "mc_predict",
     "masks_shared_across_ranks",
+    "metrics",
     "nn",
     "realised_drop_probability",
+    "schedules",
     "share_masks_across_ranks",
     "use_reference_engine",
 ]

@@ -5,6 +5,8 @@ Subcommands:
 * ``demo``: train the same MLP with and without dropout on scikit-learn's digits and print
   train accuracy, test accuracy and generalization gap side by side
   (:mod:`dropkit.experiments.digits`; needs ``pip install 'dropkit[demo]'``).
+* ``uci``: the UCI regression MC-dropout benchmark (Gal & Ghahramani's grid-search protocol) on
+  data read from ``--data DIR`` (:mod:`dropkit.experiments.uci`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 from dropkit._version import __version__
 from dropkit.experiments import digits
+from dropkit.experiments.uci import cli as uci_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -73,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output", metavar="PATH", default=None, help="also write the results as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    uci_cli.build_parser(
+        commands.add_parser(
+            "uci",
+            help="the UCI regression MC-dropout benchmark (grid-search protocol) on data from a path",
+        )
+    )
     return parser
 
 
@@ -131,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _run_demo(args)
+    if args.command == "uci":
+        return uci_cli.run(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover
 
 

@@ -1,0 +1,392 @@
+"""The UCI MC-dropout benchmark: data layout, exact splits, batched training, protocol, resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dropkit.experiments.uci import cli, protocol, report
+from dropkit.experiments.uci.data import (
+    load_dataset,
+    regenerate_splits,
+    select_splits,
+    train_validation,
+)
+from dropkit.experiments.uci.model import ModelSpec, predict_blocks, train_models
+from dropkit.metrics.regression import mc_rmse, mixture_log_likelihood
+
+
+def _write_dataset(
+    root: Path,
+    name: str = "toy",
+    n: int = 40,
+    d: int = 3,
+    n_splits: int = 3,
+    rates: tuple[float, ...] = (0.05, 0.1),
+    taus: tuple[float, ...] = (0.5, 1.0),
+    seed: int = 0,
+) -> Path:
+    """A synthetic data set in the benchmark's layout (target in the last column)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = x @ rng.normal(size=d) + 0.1 * rng.normal(size=n)
+    folder = root / name
+    folder.mkdir(parents=True)
+    np.savetxt(folder / "data.txt", np.column_stack([x, y]), fmt="%.6f")
+    (folder / "index_features.txt").write_text("\n".join(str(i) for i in range(d)) + "\n")
+    (folder / "index_target.txt").write_text(f"{d}\n")
+    (folder / "n_splits.txt").write_text(f"{n_splits}\n")
+    (folder / "n_hidden.txt").write_text("6\n")
+    (folder / "n_epochs.txt").write_text("1")  # no trailing newline, as some shipped files
+    (folder / "dropout_rates.txt").write_text("\n".join(map(str, rates)) + "\n")
+    (folder / "tau_values.txt").write_text(" ".join(map(str, taus)) + "\n")
+    return folder
+
+
+# --- splits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [10, 306, 1031])
+def test_regenerated_splits_follow_documented_procedure(n: int) -> None:
+    state = np.random.get_state()
+    try:
+        np.random.seed(1)
+        expected = []
+        for _ in range(4):
+            perm = np.random.choice(range(n), n, replace=False)
+            expected.append((perm[: round(0.9 * n)], perm[round(0.9 * n) :]))
+        after = np.random.get_state()
+        np.random.seed(12345)
+        splits = regenerate_splits(n, 4)
+        assert np.random.get_state()[1][0] == np.random.RandomState(12345).get_state()[1][0]  # type: ignore[index]
+    finally:
+        np.random.set_state(state)
+    assert after is not None
+    for split, (train, test) in zip(splits, expected, strict=True):
+        np.testing.assert_array_equal(split.train, train)
+        np.testing.assert_array_equal(split.test, test)
+        assert sorted(np.r_[split.train, split.test].tolist()) == list(range(n))
+
+
+def test_train_validation_is_last_20_percent_in_order() -> None:
+    train = np.array([9, 4, 7, 1, 0, 3, 8, 2, 6, 5, 11])
+    fit, val = train_validation(train)
+    assert fit.tolist() == [9, 4, 7, 1, 0, 3, 8, 2]  # int(0.8 * 11) = 8
+    assert val.tolist() == [6, 5, 11]
+
+
+def test_load_dataset(tmp_path: Path) -> None:
+    _write_dataset(tmp_path, n=30, d=2)
+    data = load_dataset(tmp_path, "toy")
+    assert data.x.shape == (30, 2)
+    assert data.y.shape == (30,)
+    assert (data.n_splits, data.n_hidden, data.n_epochs) == (3, 6, 1)
+    assert data.dropout_rates == (0.05, 0.1)
+    assert data.tau_values == (0.5, 1.0)
+    assert data.splits_source == "regenerated"
+    np.testing.assert_array_equal(data.splits[2].train, regenerate_splits(30, 3)[2].train)
+    assert [s.index for s in select_splits(data, [2, 0])] == [2, 0]
+    with pytest.raises(ValueError, match="splits entry 3 is out of range for toy"):
+        select_splits(data, [3])
+
+
+def test_shipped_index_files_are_used_and_checked(tmp_path: Path) -> None:
+    folder = _write_dataset(tmp_path, n=20, n_splits=2)
+    for split in regenerate_splits(20, 2):
+        np.savetxt(folder / f"index_train_{split.index}.txt", split.train, fmt="%d")
+        np.savetxt(folder / f"index_test_{split.index}.txt", split.test, fmt="%d")
+    assert load_dataset(tmp_path, "toy").splits_source == "index files (equal to the regeneration)"
+    np.savetxt(folder / "index_test_1.txt", regenerate_splits(20, 2)[1].test[::-1], fmt="%d")
+    data = load_dataset(tmp_path, "toy")
+    assert data.splits_source == "index files (differ from the regeneration)"
+    np.testing.assert_array_equal(data.splits[1].test, regenerate_splits(20, 2)[1].test[::-1])
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "error", "match"),
+    [
+        ("data.txt", None, FileNotFoundError, r"data\.txt: missing"),
+        ("tau_values.txt", None, FileNotFoundError, r"tau_values\.txt: missing"),
+        ("data.txt", "1 2 3 4\n5 6 7\n", ValueError, r"data\.txt, row 2: 3 columns, expected 4"),
+        ("data.txt", "1 2 3 4\n5 6 x 8\n", ValueError, r"data\.txt, line 2: not a number: 'x'"),
+        ("data.txt", "1 2 3 nan\n", ValueError, r"data\.txt, line 1: not a finite number"),
+        (
+            "index_target.txt",
+            "7\n",
+            ValueError,
+            r"index_target\.txt: target column 7\.0 is not an integer in",
+        ),
+        ("index_features.txt", "0\n1.5\n", ValueError, r"index_features\.txt: feature column 1\.5"),
+        ("index_features.txt", "0\n3\n", ValueError, r"target column 3 is also listed as a feature"),
+        ("n_splits.txt", "2.5\n", ValueError, r"n_splits\.txt: expected an integer >= 1"),
+        ("n_hidden.txt", "5 6\n", ValueError, r"n_hidden\.txt: expected one integer, got 2"),
+        ("dropout_rates.txt", "0.1\n1.0\n", ValueError, r"dropout_rates\.txt: dropout rate 1\.0"),
+        ("tau_values.txt", "0.5 -1\n", ValueError, r"tau_values\.txt: tau -1\.0 is not > 0"),
+        ("tau_values.txt", "\n\n", ValueError, r"tau_values\.txt: empty file"),
+    ],
+)
+def test_malformed_directories_are_rejected(
+    tmp_path: Path, file: str, content: str | None, error: type[Exception], match: str
+) -> None:
+    folder = _write_dataset(tmp_path)
+    if content is None:
+        (folder / file).unlink()
+    else:
+        (folder / file).write_text(content)
+    with pytest.raises(error, match=match):
+        load_dataset(tmp_path, "toy")
+
+
+def test_missing_dataset_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such data-set directory"):
+        load_dataset(tmp_path, "nope")
+
+
+# --- batched training ---------------------------------------------------------------------------
+
+
+def _specs() -> list[ModelSpec]:
+    rates, taus = (0.05, 0.2), (0.5, 2.0)
+    return [
+        ModelSpec(
+            data_index=s,
+            p=p,
+            weight_decay=protocol.regularization(p, tau, 25),
+            init_seed=100 + s,
+            shuffle_seed=200 + s,
+            mask_stream=pi,
+            slot=s * 2 + ti,
+        )
+        for pi, p in enumerate(rates)
+        for s in range(2)
+        for ti, tau in enumerate(taus)
+    ]
+
+
+def test_batched_training_equals_one_at_a_time() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 25, 3, generator=g)
+    y = torch.randn(2, 25, generator=g)
+    specs = _specs()
+    kwargs: dict[str, Any] = {"n_hidden": 7, "epochs": 3, "seed": 5, "batch_size": 8}
+    batched = train_models(specs, x, y, **kwargs)
+    x_eval = torch.randn(2, 4, 3, generator=g)
+    blocks: list[torch.Tensor] = []
+    predict_blocks(batched, specs, x_eval, samples=7, seed=5, block=3, consume=blocks.append)
+    preds = torch.cat(blocks, dim=1)
+    assert preds.shape == (8, 7, 4)
+    for i, spec in enumerate(specs):
+        alone = train_models([spec], x, y, **kwargs)
+        for a, b in zip(alone.parameters(), batched.parameters(), strict=True):
+            torch.testing.assert_close(a[0], b[i], rtol=1e-5, atol=1e-6)
+        mine: list[torch.Tensor] = []
+        predict_blocks(alone, [spec], x_eval, samples=7, seed=5, block=3, consume=mine.append)
+        torch.testing.assert_close(torch.cat(mine, dim=1)[0], preds[i], rtol=1e-5, atol=1e-5)
+    # Training moved the weights and the models differ from each other.
+    assert not torch.allclose(batched.w1[0], batched.w1[1])
+
+
+def test_masks_follow_the_rate() -> None:
+    # p = 0: no mask ever drops, so every MC pass gives the same prediction.
+    spec = ModelSpec(0, 0.0, 0.0, 1, 2, 0, 0)
+    model = train_models([spec], torch.randn(1, 9, 2), torch.randn(1, 9), n_hidden=4, epochs=1, seed=0)
+    out: list[torch.Tensor] = []
+    predict_blocks(model, [spec], torch.randn(1, 3, 2), samples=5, seed=0, block=2, consume=out.append)
+    preds = torch.cat(out, dim=1)[0]
+    assert torch.equal(preds, preds[:1].expand_as(preds))
+
+
+def test_spec_and_stream_checks() -> None:
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
+        ModelSpec(0, 1.0, 0.0, 0, 0, 0, 0)
+    bad = [ModelSpec(0, 0.1, 0.0, 0, 0, 0, 0), ModelSpec(0, 0.2, 0.0, 0, 0, 0, 1)]
+    with pytest.raises(ValueError, match="must share p"):
+        train_models(bad, torch.zeros(1, 4, 2), torch.zeros(1, 4), n_hidden=3, epochs=1, seed=0)
+
+
+# --- protocol -----------------------------------------------------------------------------------
+
+
+def _config(**overrides: Any) -> protocol.ProtocolConfig:
+    base: dict[str, Any] = {
+        "epochs_scale": 0.03,
+        "samples": 30,
+        "mc_block": 7,
+        "tau_search_samples": 20,
+    }
+    base.update(overrides)
+    return protocol.ProtocolConfig(**base)
+
+
+def test_protocol_split_result_independent_of_batching(tmp_path: Path) -> None:
+    _write_dataset(tmp_path)
+    data = load_dataset(tmp_path, "toy")
+    config = _config()
+    assert config.epochs(data) == 3
+    assert not config.is_protocol()
+    together = protocol.run_splits(data, [data.splits[0], data.splits[2]], config)
+    alone = protocol.run_splits(data, [data.splits[2]], config)
+    a, b = together[1], alone[0]
+    assert a["split"] == b["split"] == 2
+    assert (a["p"], a["tau"]) == (b["p"], b["tau"])
+    for key in ("rmse", "ll", "validation_ll", "ll_gaussian", "ll_tau_learned", "mpiw95"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert len(a["grid"]) == 4
+    best = max(a["grid"], key=lambda r: r["validation_ll"])
+    assert (best["p"], best["tau"]) == (a["p"], a["tau"])
+    assert a["n_train"] == 36
+    assert a["n_test"] == 4
+    assert a["n_validation"] == 8
+
+
+def test_protocol_stats_match_the_metrics() -> None:
+    g = torch.Generator().manual_seed(3)
+    samples = torch.randn(2, 50, 6, generator=g, dtype=torch.float64)
+    targets = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    taus = torch.tensor([[0.5, 2.0], [1.0, 3.0]], dtype=torch.float64)
+    stats = protocol._MixtureStats(targets, taus)
+    for chunk in torch.split(samples, [7, 30, 13], dim=1):
+        stats.update(chunk)
+    ll = stats.log_likelihood()
+    for g_ in range(2):
+        for k in range(2):
+            expected = mixture_log_likelihood(samples[g_], targets[g_], float(taus[g_, k]))
+            assert ll[g_, k].item() == pytest.approx(expected.item(), rel=1e-12)
+        assert stats.rmse()[g_].item() == pytest.approx(mc_rmse(samples[g_], targets[g_]).item(), rel=1e-12)
+
+
+def test_config_checks() -> None:
+    assert protocol.ProtocolConfig().is_protocol()
+    with pytest.raises(ValueError, match="epochs_scale must be a finite float > 0, got 0"):
+        protocol.ProtocolConfig(epochs_scale=0)
+    with pytest.raises(ValueError, match="samples must be an int >= 1, got 0"):
+        protocol.ProtocolConfig(samples=0)
+    with pytest.raises(ValueError, match="extra_taus entries"):
+        protocol.ProtocolConfig(extra_taus=(-1.0,))
+    assert protocol.regularization(0.1, 0.5, 100) == pytest.approx(1e-4 * 0.9 / 100)
+
+
+# --- CLI, resume, reports -----------------------------------------------------------------------
+
+
+def _argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--epochs-scale",
+        "0.02",
+        "--T",
+        "20",
+        "--tau-search-samples",
+        "10",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_cli_resume_after_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    _write_dataset(data)
+    full = tmp_path / "full"
+    assert cli.main(_argv(data, full, "--split-batch", "1")) == 0
+
+    real = protocol.run_splits
+    calls: list[list[int]] = []
+
+    def interrupted(dataset: Any, splits: Any, config: Any, progress: Any = None) -> Any:
+        calls.append([s.index for s in splits])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(dataset, splits, config, progress)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(protocol, "run_splits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(_argv(data, out, "--split-batch", "1"))
+    assert sorted(p.name for p in (out / "toy").iterdir()) == ["split_0.json"]  # no temp files left
+
+    calls.clear()
+    monkeypatch.setattr(
+        protocol, "run_splits", lambda *a, **k: (calls.append([s.index for s in a[1]]), real(*a, **k))[1]
+    )
+    assert cli.main(_argv(data, out, "--split-batch", "1", "--resume")) == 0
+    assert calls == [[1], [2]]
+    for i in range(3):
+        a = json.loads((full / "toy" / f"split_{i}.json").read_text())["result"]
+        b = json.loads((out / "toy" / f"split_{i}.json").read_text())["result"]
+        assert a["rmse"] == pytest.approx(b["rmse"], rel=1e-5)
+        assert a["ll"] == pytest.approx(b["ll"], rel=1e-5)
+    summary = json.loads((out / "summary.json").read_text())["summary"][0]
+    assert summary["n_splits"] == 3
+    assert math.isfinite(summary["ll"])
+    assert (out / "results.csv").read_text().count("\n") == 4
+    assert "NOT the published protocol" in (out / "summary.md").read_text()
+
+    calls.clear()
+    assert cli.main(_argv(data, out, "--resume")) == 0
+    assert calls == []  # everything done
+
+
+def test_cli_refuses_resume_with_other_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    _write_dataset(data, n_splits=1)
+    out = tmp_path / "out"
+    assert cli.main(_argv(data, out)) == 0
+    assert cli.main([*_argv(data, out, "--resume"), "--seed", "3"]) == 2
+    assert "produced with other settings" in capsys.readouterr().err
+
+
+def test_cli_reports_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _write_dataset(tmp_path / "data")
+    (folder / "data.txt").write_text("1 2 3 4\n1 2 3\n")
+    assert cli.main(_argv(tmp_path / "data", tmp_path / "out")) == 2
+    assert "data.txt, row 2: 3 columns, expected 4" in capsys.readouterr().err
+    assert cli.main(_argv(tmp_path / "empty", tmp_path / "out")) == 2
+
+
+def test_markdown_table_shows_published_numbers() -> None:
+    result = {
+        "dataset": "yacht",
+        "rmse": 0.7,
+        "ll": -1.3,
+        "tau_at_grid_edge": True,
+        "seconds": {"a": 1.0},
+    }
+    summary = report.summarize([result, {**result, "rmse": 0.9}])
+    assert summary["rmse"] == pytest.approx(0.8)
+    assert summary["rmse_se"] == pytest.approx(0.1 / math.sqrt(2))
+    table = report.markdown_table([summary], {"protocol": True})
+    assert "| Yacht | 2 | 0.80 ± 0.07 | 0.67 ± 0.05 | -1.30 ± 0.00 | -1.25 ± 0.01 |" in table
+
+
+def test_cli_mounts_as_subcommand(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _write_dataset(data, n_splits=1)
+    parser = argparse.ArgumentParser(prog="dropkit")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cli.build_parser(commands.add_parser("uci"))
+    args = parser.parse_args(["uci", *_argv(data, tmp_path / "out", "--datasets", "toy")])
+    assert cli.run(args) == 0
+    assert (tmp_path / "out" / "toy" / "split_0.json").is_file()
+
+
+def test_wider_tau_grid_beyond_protocol(tmp_path: Path) -> None:
+    _write_dataset(tmp_path, n_splits=1)
+    data = load_dataset(tmp_path, "toy")
+    config = _config(extra_taus=(4.0, 0.5))  # 0.5 is already in the grid
+    assert config.taus(data) == (0.5, 1.0, 4.0)
+    assert not protocol.ProtocolConfig(extra_taus=(4.0,)).is_protocol()
+    (result,) = protocol.run_splits(data, [data.splits[0]], config)
+    assert [(r["p"], r["tau"]) for r in result["grid"]] == [
+        (p, t) for p in (0.05, 0.1) for t in (0.5, 1.0, 4.0)
+    ]
+    assert result["tau_learned"] in protocol.tau_search_grid((0.5, 1.0, 4.0))
