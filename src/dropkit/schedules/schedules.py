@@ -95,7 +95,37 @@ def _fraction(step: int, start_step: int, total_steps: int) -> float:
     return min(max(step - start_step, 0), total_steps) / total_steps
 
 
-class Linear(Schedule):
+class _Ramp(Schedule):
+    """A move from ``start`` (up to ``start_step``) to ``end`` (from ``start_step + total_steps``)
+    whose shape in between is :meth:`_interpolate` of the progress ``f`` in ``(0, 1)``."""
+
+    def __init__(self, start: float, end: float, total_steps: int, start_step: int = 0) -> None:
+        self.start = check_nonnegative(start, "start")
+        self.end = check_nonnegative(end, "end")
+        self.total_steps = check_int(total_steps, "total_steps", 1)
+        self.start_step = check_int(start_step, "start_step", 0)
+
+    def value(self, step: int) -> float:
+        f = _fraction(step, self.start_step, self.total_steps)
+        if f == 0.0:
+            return self.start
+        if f == 1.0:
+            return self.end
+        return self._interpolate(f)
+
+    def _interpolate(self, f: float) -> float:
+        raise NotImplementedError
+
+    def _fields(self) -> dict[str, object]:
+        return {
+            "start": self.start,
+            "end": self.end,
+            "total_steps": self.total_steps,
+            "start_step": self.start_step,
+        }
+
+
+class Linear(_Ramp):
     r"""Linear interpolation from ``start`` to ``end``:
 
     .. math::
@@ -117,30 +147,11 @@ class Linear(Schedule):
         [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
     """
 
-    def __init__(self, start: float, end: float, total_steps: int, start_step: int = 0) -> None:
-        self.start = check_nonnegative(start, "start")
-        self.end = check_nonnegative(end, "end")
-        self.total_steps = check_int(total_steps, "total_steps", 1)
-        self.start_step = check_int(start_step, "start_step", 0)
-
-    def value(self, step: int) -> float:
-        f = _fraction(step, self.start_step, self.total_steps)
-        if f == 0.0:
-            return self.start
-        if f == 1.0:
-            return self.end
+    def _interpolate(self, f: float) -> float:
         return (1.0 - f) * self.start + f * self.end
 
-    def _fields(self) -> dict[str, object]:
-        return {
-            "start": self.start,
-            "end": self.end,
-            "total_steps": self.total_steps,
-            "start_step": self.start_step,
-        }
 
-
-class Cosine(Schedule):
+class Cosine(_Ramp):
     r"""Half-cosine interpolation from ``start`` to ``end``:
 
     .. math::
@@ -160,27 +171,8 @@ class Cosine(Schedule):
         [0.5, 0.25, 0.0, 0.0]
     """
 
-    def __init__(self, start: float, end: float, total_steps: int, start_step: int = 0) -> None:
-        self.start = check_nonnegative(start, "start")
-        self.end = check_nonnegative(end, "end")
-        self.total_steps = check_int(total_steps, "total_steps", 1)
-        self.start_step = check_int(start_step, "start_step", 0)
-
-    def value(self, step: int) -> float:
-        f = _fraction(step, self.start_step, self.total_steps)
-        if f == 0.0:
-            return self.start
-        if f == 1.0:
-            return self.end
+    def _interpolate(self, f: float) -> float:
         return self.end + (self.start - self.end) * (1.0 + math.cos(math.pi * f)) / 2.0
-
-    def _fields(self) -> dict[str, object]:
-        return {
-            "start": self.start,
-            "end": self.end,
-            "total_steps": self.total_steps,
-            "start_step": self.start_step,
-        }
 
 
 class Step(Schedule):

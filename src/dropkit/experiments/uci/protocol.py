@@ -43,6 +43,23 @@ import torch
 from dropkit.experiments.uci.data import Split, UCIDataset, train_validation
 from dropkit.experiments.uci.model import ModelSpec, predict_blocks, train_models
 
+
+class _PhaseClock:
+    """Wall and process-CPU seconds of the protocol's phases, started and stopped in turn."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._started = (0.0, 0.0)
+
+    def start(self) -> None:
+        self._started = (time.perf_counter(), time.process_time())
+
+    def stop(self, name: str) -> None:
+        self.wall[name] = time.perf_counter() - self._started[0]
+        self.cpu[name] = time.process_time() - self._started[1]
+
+
 __all__ = [
     "LENGTHSCALE",
     "TAU_SEARCH_POINTS",
@@ -303,8 +320,7 @@ def run_splits(
     val_samples = config.val_samples or config.samples
     n_splits = len(splits)
     report = progress or (lambda phase, done, total: None)
-    timings: dict[str, float] = {}
-    cpu_timings: dict[str, float] = {}
+    phase = _PhaseClock()
 
     # --- grid on the first 80 % --------------------------------------------------------------
     parts = [train_validation(s.train) for s in splits]
@@ -326,7 +342,7 @@ def run_splits(
     ]
     grid_of = [(pi, ti) for pi in range(len(rates)) for _ in splits for ti in range(n_taus)]
     split_of = [k for _ in rates for k in range(n_splits) for _ in taus]
-    clock, cpu = time.perf_counter(), time.process_time()
+    phase.start()
     model = train_models(
         specs,
         x_tr,
@@ -338,10 +354,9 @@ def run_splits(
         lr=config.lr,
         on_epoch=lambda e: report("grid", e, epochs),
     )
-    timings["grid_train"] = time.perf_counter() - clock
-    cpu_timings["grid_train"] = time.process_time() - cpu
+    phase.stop("grid_train")
 
-    clock, cpu = time.perf_counter(), time.process_time()
+    phase.start()
     own_tau = torch.tensor([[taus[ti]] for _, ti in grid_of])
     targets = y_val[torch.tensor(split_of)]
     val_stats = _MixtureStats(targets, own_tau)
@@ -361,8 +376,7 @@ def run_splits(
     _evaluate(model, specs, x_val, stats, sc_grid, config, val_samples, val_block)
     val_ll = val_stats.log_likelihood()[:, 0]
     search_ll = search_stats.log_likelihood() if config.tau_search_samples else None
-    timings["grid_validate"] = time.perf_counter() - clock
-    cpu_timings["grid_validate"] = time.process_time() - cpu
+    phase.stop("grid_validate")
 
     chosen = []
     for k in range(n_splits):
@@ -389,7 +403,7 @@ def run_splits(
                 slot=split.index,
             )
         )
-    clock, cpu = time.perf_counter(), time.process_time()
+    phase.start()
     final = train_models(
         retrain_specs,
         x_full,
@@ -401,10 +415,9 @@ def run_splits(
         lr=config.lr,
         on_epoch=lambda e: report("retrain", e, epochs),
     )
-    timings["retrain"] = time.perf_counter() - clock
-    cpu_timings["retrain"] = time.process_time() - cpu
+    phase.stop("retrain")
 
-    clock, cpu = time.perf_counter(), time.process_time()
+    phase.start()
     chosen_tau = torch.tensor([taus[grid_of[g][1]] for g in chosen], dtype=torch.float64)
     learned = []
     for k in range(n_splits):
@@ -421,15 +434,14 @@ def run_splits(
         report("test", done[0], config.samples)
 
     _evaluate(final, retrain_specs, x_test, [test_stats], sc_full, config, config.samples, test_block)
-    timings["test"] = time.perf_counter() - clock
-    cpu_timings["test"] = time.process_time() - cpu
+    phase.stop("test")
     test_ll = test_stats.log_likelihood()
     rmse = test_stats.rmse()
     extras = test_stats.gaussian(chosen_tau)
 
     results = []
-    per_split_seconds = {k: v / n_splits for k, v in timings.items()}
-    per_split_cpu = {k: v / n_splits for k, v in cpu_timings.items()}
+    per_split_seconds = {k: v / n_splits for k, v in phase.wall.items()}
+    per_split_cpu = {k: v / n_splits for k, v in phase.cpu.items()}
     for k, split in enumerate(splits):
         pi, ti = grid_of[chosen[k]]
         members = [g for g in range(len(specs)) if split_of[g] == k]
