@@ -31,15 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import dropkit  # noqa: E402
+from bench_triton import same_bits  # noqa: E402
 from dropkit.kernels.dispatch import use_reference_engine  # noqa: E402
 from layer_specs import ALL_SPECS  # noqa: E402
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.detach().contiguous().view(as_int), b.detach().contiguous().view(as_int))
 
 
 def normwise_diff(a: torch.Tensor, b: torch.Tensor) -> float:
