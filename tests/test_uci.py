@@ -19,7 +19,7 @@ from dropkit.experiments.uci.data import (
     select_splits,
     train_validation,
 )
-from dropkit.experiments.uci.model import ModelSpec, predict_blocks, train_models
+from dropkit.experiments.uci.model import ModelSpec, fused_available, predict_blocks, train_models
 from dropkit.metrics.regression import mc_rmse, mixture_log_likelihood
 
 
@@ -170,27 +170,99 @@ def _specs() -> list[ModelSpec]:
     ]
 
 
-def test_batched_training_equals_one_at_a_time() -> None:
+needs_numba = pytest.mark.skipif(not fused_available(), reason="the fused kernels need numba")
+KERNELS = [pytest.param(True, id="fused", marks=needs_numba), pytest.param(False, id="torch")]
+
+
+@pytest.mark.parametrize("fused", KERNELS)
+def test_batched_training_equals_one_at_a_time(fused: bool) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 25, 3, generator=g)
     y = torch.randn(2, 25, generator=g)
     specs = _specs()
-    kwargs: dict[str, Any] = {"n_hidden": 7, "epochs": 3, "seed": 5, "batch_size": 8}
+    kwargs: dict[str, Any] = {"n_hidden": 7, "epochs": 3, "seed": 5, "batch_size": 8, "fused": fused}
     batched = train_models(specs, x, y, **kwargs)
     x_eval = torch.randn(2, 4, 3, generator=g)
     blocks: list[torch.Tensor] = []
-    predict_blocks(batched, specs, x_eval, samples=7, seed=5, block=3, consume=blocks.append)
+    predict_blocks(batched, specs, x_eval, samples=7, seed=5, block=3, consume=blocks.append, fused=fused)
     preds = torch.cat(blocks, dim=1)
     assert preds.shape == (8, 7, 4)
     for i, spec in enumerate(specs):
         alone = train_models([spec], x, y, **kwargs)
         for a, b in zip(alone.parameters(), batched.parameters(), strict=True):
-            torch.testing.assert_close(a[0], b[i], rtol=1e-5, atol=1e-6)
+            if fused:  # one network's arithmetic never depends on the others: the same bits
+                assert torch.equal(a[0], b[i])
+            else:
+                torch.testing.assert_close(a[0], b[i], rtol=1e-5, atol=1e-6)
         mine: list[torch.Tensor] = []
-        predict_blocks(alone, [spec], x_eval, samples=7, seed=5, block=3, consume=mine.append)
+        predict_blocks(alone, [spec], x_eval, samples=7, seed=5, block=3, consume=mine.append, fused=fused)
         torch.testing.assert_close(torch.cat(mine, dim=1)[0], preds[i], rtol=1e-5, atol=1e-5)
     # Training moved the weights and the models differ from each other.
     assert not torch.allclose(batched.w1[0], batched.w1[1])
+
+
+@needs_numba
+def test_fused_kernels_equal_the_torch_path() -> None:
+    # The same masks and recipe; only the order of float32 sums differs.  Rates include 0 (no
+    # mask) and a large one so dropped and kept units both matter.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 41, 5, generator=g)
+    y = torch.randn(2, 41, generator=g)
+    specs = [
+        ModelSpec(data_index=s, p=p, weight_decay=1e-3 * (1 + s), init_seed=s, shuffle_seed=7 + s,
+                  mask_stream=pi, slot=s)
+        for pi, p in enumerate((0.0, 0.1, 0.5))
+        for s in range(2)
+    ]  # fmt: skip
+    kwargs: dict[str, Any] = {"n_hidden": 9, "epochs": 4, "seed": 3, "batch_size": 16}
+    fused = train_models(specs, x, y, fused=True, **kwargs)
+    reference = train_models(specs, x, y, fused=False, **kwargs)
+    for a, b in zip(fused.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fused.w1, train_models(specs, x, y, fused=True, **{**kwargs, "epochs": 1}).w1)
+    x_eval = torch.randn(2, 6, 5, generator=g)
+    outputs = []
+    for use in (True, False):
+        blocks: list[torch.Tensor] = []
+        predict_blocks(
+            reference, specs, x_eval, samples=11, seed=3, block=4, consume=blocks.append, fused=use
+        )
+        outputs.append(torch.cat(blocks, dim=1))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    # MC passes differ from each other for p > 0 (the masks act), not for p = 0.
+    assert torch.equal(outputs[0][0], outputs[0][0, :1].expand(11, 6))
+    assert not torch.allclose(outputs[0][2], outputs[0][2, :1].expand(11, 6))
+
+
+@needs_numba
+def test_fused_kernels_ignore_the_thread_count() -> None:
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(1, 30, 4, generator=g), torch.randn(1, 30, generator=g)
+    specs = [ModelSpec(0, 0.2, 1e-3, k, 0, 0, k) for k in range(5)]
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model = train_models(specs, x, y, n_hidden=6, epochs=2, seed=0, batch_size=8, fused=True)
+            blocks: list[torch.Tensor] = []
+            predict_blocks(model, specs, x, samples=5, seed=0, block=5, consume=blocks.append, fused=True)
+            results.append((model.parameters(), blocks[0]))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_fused_argument_is_checked() -> None:
+    spec = ModelSpec(0, 0.1, 0.0, 0, 0, 0, 0)
+    with pytest.raises(TypeError, match="fused must be a bool or None, got str"):
+        train_models(
+            [spec], torch.zeros(1, 4, 2), torch.zeros(1, 4), n_hidden=3, epochs=1, seed=0, fused="yes"
+        )  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fused must be a bool or None"):
+        protocol.ProtocolConfig(fused=1)  # type: ignore[arg-type]
 
 
 def test_masks_follow_the_rate() -> None:
@@ -260,6 +332,29 @@ def test_protocol_stats_match_the_metrics() -> None:
             expected = mixture_log_likelihood(samples[g_], targets[g_], float(taus[g_, k]))
             assert ll[g_, k].item() == pytest.approx(expected.item(), rel=1e-12)
         assert stats.rmse()[g_].item() == pytest.approx(mc_rmse(samples[g_], targets[g_]).item(), rel=1e-12)
+
+
+def test_stats_in_model_units_and_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # update(samples, scale, shift) converts to original units chunk by chunk of models; any
+    # chunking gives the values of converting first and updating once (to float64 rounding:
+    # torch's vectorized logsumexp may sum a smaller tensor in another order).
+    g = torch.Generator().manual_seed(4)
+    samples = torch.randn(5, 12, 3, generator=g)
+    targets = torch.randn(5, 3, generator=g, dtype=torch.float64) * 4 + 10
+    taus = torch.rand(5, 3, generator=g, dtype=torch.float64) + 0.1
+    scale = torch.rand(5, 1, 1, generator=g, dtype=torch.float64) + 1
+    shift = torch.randn(5, 1, 1, generator=g, dtype=torch.float64) + 10
+    whole = protocol._MixtureStats(targets, taus, limit=9)
+    for chunk in torch.split(samples, [5, 7], dim=1):
+        whole.update(chunk.to(torch.float64) * scale + shift)
+    monkeypatch.setattr(protocol, "_MOMENT_CHUNK_ELEMENTS", 20)
+    monkeypatch.setattr(protocol, "_LSE_CHUNK_ELEMENTS", 40)
+    chunked = protocol._MixtureStats(targets, taus, limit=9)
+    for chunk in torch.split(samples, [5, 7], dim=1):
+        chunked.update(chunk, scale, shift)
+    assert chunked.lse_count == whole.lse_count == 9
+    for name in ("mean", "m2", "lse"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-13, atol=1e-13)
 
 
 def test_config_checks() -> None:

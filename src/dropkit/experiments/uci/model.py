@@ -37,12 +37,22 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import dropkit
+from dropkit.engine.masks import drop_threshold
 from dropkit.functional import dropout
 
-__all__ = ["BatchedMLP", "MaskPlan", "ModelSpec", "init_models", "predict_blocks", "train_models"]
+__all__ = [
+    "BatchedMLP",
+    "MaskPlan",
+    "ModelSpec",
+    "fused_available",
+    "init_models",
+    "predict_blocks",
+    "train_models",
+]
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
@@ -199,6 +209,37 @@ def _output(model: BatchedMLP, h: torch.Tensor) -> torch.Tensor:
     return (h * model.w2.transpose(1, 2)).sum(-1).add_(model.b2.view(-1, 1))
 
 
+def fused_available() -> bool:
+    """Whether the numba kernels of :mod:`dropkit.experiments.uci.fused` can run (``[fast]`` extra)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_fused(fused: bool | None) -> bool:
+    if fused is None:
+        return fused_available()
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool or None, got {type(fused).__name__} ({fused!r})")
+    if fused and not fused_available():
+        raise ValueError("fused=True needs numba (pip install 'dropkit[fast]'), which is not installed")
+    return fused
+
+
+class _MaskArrays:
+    """Per-network mask constants for the fused kernels (see :mod:`dropkit.experiments.uci.fused`)."""
+
+    def __init__(self, specs: Sequence[ModelSpec]) -> None:
+        self.streams = np.array([4 * s.mask_stream for s in specs], dtype=np.int64)
+        self.slots = np.array([s.slot for s in specs], dtype=np.int64)
+        self.thresholds = np.array([drop_threshold(s.p) for s in specs], dtype=np.int64)
+        # The engine multiplies kept values by 1 / (1 - p) rounded once to float32.
+        self.scales = np.array([1.0 / (1.0 - s.p) for s in specs], dtype=np.float32)
+        self.data_index = np.array([s.data_index for s in specs], dtype=np.int64)
+
+
 def train_models(
     specs: Sequence[ModelSpec],
     x: torch.Tensor,
@@ -210,6 +251,7 @@ def train_models(
     batch_size: int = 128,
     lr: float = 1e-3,
     on_epoch: Callable[[int], None] | None = None,
+    fused: bool | None = None,
 ) -> BatchedMLP:
     """Train every model of ``specs`` together (see the module docstring for the exact recipe).
 
@@ -223,10 +265,13 @@ def train_models(
         batch_size: mini-batch size.
         lr: Adam learning rate.
         on_epoch: called with the number of finished epochs after each epoch.
+        fused: run the numba kernel of :mod:`~dropkit.experiments.uci.fused` (same masks and
+            recipe, float32 sums in another order); ``None``: when numba is installed.
 
     Returns:
         The trained :class:`BatchedMLP` (models in ``specs`` order).
     """
+    use_fused = _use_fused(fused)
     if x.dim() != 3 or y.dim() != 2 or x.shape[:2] != y.shape:
         raise ValueError(f"x must be (S, N, in) and y (S, N), got {tuple(x.shape)} and {tuple(y.shape)}")
     if not specs:
@@ -247,6 +292,11 @@ def train_models(
     generators = [torch.Generator().manual_seed(k) for k in shuffle_seeds]
     group_of_model = torch.tensor([shuffle_seeds.index(s.shuffle_seed) for s in specs], dtype=torch.long)
     data_of_group = torch.tensor([group_data[k] for k in shuffle_seeds], dtype=torch.long)
+    if use_fused:
+        _train_fused(
+            specs, model, x, y, generators, group_of_model, lam, epochs, seed, batch_size, lr, on_epoch
+        )
+        return model
     xg, yg = x[data_of_group], y[data_of_group]  # (U, N, in), (U, N)
     groups = len(shuffle_seeds)
     # Fast path: models laid out as (outer, group, inner), so a batch broadcasts without a gather.
@@ -300,6 +350,54 @@ def train_models(
     return model
 
 
+def _train_fused(
+    specs: Sequence[ModelSpec],
+    model: BatchedMLP,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generators: list[torch.Generator],
+    group_of_model: torch.Tensor,
+    lam: torch.Tensor,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    on_epoch: Callable[[int], None] | None,
+) -> None:
+    """:func:`train_models` on the numba kernel; updates ``model`` in place."""
+    from dropkit.experiments.uci import fused as kernels
+
+    count, n, n_in = len(specs), x.shape[1], x.shape[2]
+    n_hidden = model.w1.shape[2]
+    kernels.follow_torch_threads()
+    masks = _MaskArrays(specs)
+    xn, yn = x.contiguous().numpy(), y.contiguous().numpy()
+    w1 = model.w1.numpy()
+    b1 = model.b1.numpy().reshape(count, n_hidden)  # views: the kernel updates the model
+    w2 = model.w2.numpy().reshape(count, n_hidden)
+    b2 = model.b2.numpy().reshape(count)
+    n_params = n_in * n_hidden + 2 * n_hidden + 1
+    m_state = np.zeros((count, n_params), dtype=np.float32)
+    v_state = np.zeros((count, n_params), dtype=np.float32)
+    decay = (2.0 * lam).numpy()
+    group = group_of_model.numpy()
+    beta1, beta2 = _ADAM_BETAS
+    step = 0
+    for epoch in range(epochs):
+        perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).numpy()  # (U, N)
+        for start in range(0, n, batch_size):
+            batch = np.ascontiguousarray(perms[:, start : start + batch_size])
+            lr_t = lr * math.sqrt(1.0 - beta2 ** (step + 1)) / (1.0 - beta1 ** (step + 1))
+            kernels.train_step(
+                xn, yn, batch, group, masks.data_index, w1, b1, w2, b2, m_state, v_state, decay,
+                seed, masks.streams, masks.slots, masks.thresholds, masks.scales, step,
+                lr_t, beta1, beta2, _ADAM_EPS,
+            )  # fmt: skip
+            step += 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+
+
 def predict_blocks(
     model: BatchedMLP,
     specs: Sequence[ModelSpec],
@@ -309,6 +407,7 @@ def predict_blocks(
     seed: int,
     block: int,
     consume: Callable[[torch.Tensor], None],
+    fused: bool | None = None,
 ) -> None:
     """MC-dropout predictions in blocks of passes, never more than ``block`` passes in memory.
 
@@ -321,9 +420,31 @@ def predict_blocks(
         block: passes per block (part of the mask layout: keep it fixed for reproducibility).
         consume: called with each block of standardized predictions, shape ``(G, t, n)``,
             ``t <= block``, in pass order.
+        fused: run the numba kernel (see :func:`train_models`); ``None``: when numba is installed.
     """
     count, n, n_in = len(specs), x.shape[1], x.shape[2]
     n_hidden = model.w1.shape[2]
+    if _use_fused(fused):
+        from dropkit.experiments.uci import fused as kernels
+
+        kernels.follow_torch_threads()
+        masks = _MaskArrays(specs)
+        xn = x.float().contiguous().numpy()
+        weights = (
+            model.w1.detach().contiguous().numpy(),
+            model.b1.detach().reshape(count, n_hidden).contiguous().numpy(),
+            model.w2.detach().reshape(count, n_hidden).contiguous().numpy(),
+            model.b2.detach().reshape(count).contiguous().numpy(),
+        )
+        for b, start in enumerate(range(0, samples, block)):
+            t = min(block, samples - start)
+            passes = np.empty((count, t, n), dtype=np.float32)
+            kernels.predict_block(
+                xn, masks.data_index, *weights, seed, masks.streams, masks.slots,
+                masks.thresholds, masks.scales, b, t, passes,
+            )  # fmt: skip
+            consume(torch.from_numpy(passes))
+        return
     plan = MaskPlan(specs, seed)
     data = torch.tensor([s.data_index for s in specs], dtype=torch.long)
     xs = x.float()[data].unsqueeze(1)  # (G, 1, n, in)

@@ -77,6 +77,8 @@ TAU_SEARCH_POINTS = 41
 _LOG_2PI = math.log(2.0 * math.pi)
 _GRID, _RETRAIN = 0, 1
 _RETRAIN_STREAM_BASE = 1 << 20
+_MOMENT_CHUNK_ELEMENTS = 1 << 16
+_LSE_CHUNK_ELEMENTS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class ProtocolConfig:
         mc_block: passes per prediction block (memory bound; part of the mask layout).
         extra_taus: precisions added to the grid (beyond the protocol).
         tau_search_samples: validation passes used by the learned-τ search (0 disables it).
+        fused: train and predict with the numba kernels of
+            :mod:`~dropkit.experiments.uci.fused` (``None``: when numba is installed) or, with
+            ``False``, the torch path; the same masks and recipe, float32 sums in another order.
     """
 
     epochs_scale: float = 1.0
@@ -107,6 +112,7 @@ class ProtocolConfig:
     mc_block: int = 10
     extra_taus: tuple[float, ...] = field(default_factory=tuple)
     tau_search_samples: int = 1000
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epochs_scale) and self.epochs_scale > 0):
@@ -117,6 +123,8 @@ class ProtocolConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.val_samples is not None and (not isinstance(self.val_samples, int) or self.val_samples < 1):
             raise ValueError(f"val_samples must be None or an int >= 1, got {self.val_samples!r}")
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise TypeError(f"fused must be a bool or None, got {type(self.fused).__name__} ({self.fused!r})")
         if not isinstance(self.tau_search_samples, int) or self.tau_search_samples < 0:
             raise ValueError(f"tau_search_samples must be an int >= 0, got {self.tau_search_samples!r}")
         for name in ("lr", "lengthscale"):
@@ -218,22 +226,45 @@ class _MixtureStats:
         g, n = self.targets.shape
         self.lse = torch.full((g, self.taus.shape[1], n), -math.inf, dtype=torch.float64)
 
-    def update(self, samples: torch.Tensor) -> None:  # (G, t, n), original units
-        s = samples.to(torch.float64)
-        t = s.shape[1]
-        chunk_mean = s.mean(1)
-        chunk_m2 = (s - chunk_mean.unsqueeze(1)).square().sum(1)
+    def update(
+        self, samples: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+    ) -> None:
+        """Add passes ``samples`` ``(G, t, n)``, in original units after ``samples * scale + shift``
+        (``scale``, ``shift``: ``(G, 1, 1)``, float64; ``None``: already in original units)."""
+        t = samples.shape[1]
         total = self.count + t
-        delta = chunk_mean - self.mean
-        self.m2 += chunk_m2 + delta.square() * (self.count * t / total)
-        self.mean += delta * (t / total)
-        self.count = total
         use = t if self.limit is None else max(0, min(t, self.limit - self.lse_count))
-        if use and self.taus.shape[1]:
-            sq = (self.targets.unsqueeze(1) - s[:, :use]).square()  # (G, u, n)
-            terms = -0.5 * self.taus.unsqueeze(-1).unsqueeze(-1) * sq.unsqueeze(1)  # (G, K, u, n)
-            self.lse = torch.logaddexp(self.lse, torch.logsumexp(terms, dim=2))
+        k = self.taus.shape[1] if use else 0
+        # Models in chunks, so that temporaries stay in cache (measured: the moments 2x faster
+        # in chunks of 2**16 elements, the 41-point τ search 3x in chunks of 2**19; same values).
+        chunk = max(1, _MOMENT_CHUNK_ELEMENTS // (samples.shape[2] * t))
+        for first in range(0, samples.shape[0], chunk):
+            part = slice(first, first + chunk)
+            s = self._original(samples, part, scale, shift)
+            chunk_mean = s.mean(1)
+            chunk_m2 = (s - chunk_mean.unsqueeze(1)).square().sum(1)
+            delta = chunk_mean - self.mean[part]
+            self.m2[part] += chunk_m2 + delta.square() * (self.count * t / total)
+            self.mean[part] += delta * (t / total)
+        if k:
+            half_taus = (-0.5 * self.taus).unsqueeze(-1).unsqueeze(-1)  # (G, K, 1, 1)
+            chunk = max(1, _LSE_CHUNK_ELEMENTS // (samples.shape[2] * k * use))
+            for first in range(0, samples.shape[0], chunk):
+                part = slice(first, first + chunk)
+                s = self._original(samples[:, :use], part, scale, shift)
+                sq = (self.targets[part].unsqueeze(1) - s).square()  # (g, u, n)
+                terms = half_taus[part] * sq.unsqueeze(1)  # (g, K, u, n)
+                torch.logaddexp(self.lse[part], torch.logsumexp(terms, dim=2), out=self.lse[part])
+        self.count = total
+        if k:
             self.lse_count += use
+
+    @staticmethod
+    def _original(
+        samples: torch.Tensor, part: slice, scale: torch.Tensor | None, shift: torch.Tensor | None
+    ) -> torch.Tensor:
+        s = samples[part].to(torch.float64)
+        return s if scale is None or shift is None else s * scale[part] + shift[part]
 
     def log_likelihood(self) -> torch.Tensor:
         """Mean over points of the mixture LL, ``(G, K)``."""
@@ -279,14 +310,20 @@ def _evaluate(
     std = torch.tensor([scalers[s.data_index].y_std for s in specs], dtype=torch.float64).view(-1, 1, 1)
 
     def consume(block: torch.Tensor) -> None:
-        original = block.to(torch.float64) * std + mean
         for st in stats:
-            st.update(original)
+            st.update(block, std, mean)
         if on_block is not None:
             on_block(block.shape[1])
 
     predict_blocks(
-        model, specs, x_eval, samples=samples, seed=config.seed, block=config.mc_block, consume=consume
+        model,
+        specs,
+        x_eval,
+        samples=samples,
+        seed=config.seed,
+        block=config.mc_block,
+        consume=consume,
+        fused=config.fused,
     )
 
 
@@ -352,6 +389,7 @@ def run_splits(
         seed=config.seed,
         batch_size=config.batch_size,
         lr=config.lr,
+        fused=config.fused,
         on_epoch=lambda e: report("grid", e, epochs),
     )
     phase.stop("grid_train")
@@ -413,6 +451,7 @@ def run_splits(
         seed=config.seed,
         batch_size=config.batch_size,
         lr=config.lr,
+        fused=config.fused,
         on_epoch=lambda e: report("retrain", e, epochs),
     )
     phase.stop("retrain")
