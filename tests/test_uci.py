@@ -485,3 +485,18 @@ def test_wider_tau_grid_beyond_protocol(tmp_path: Path) -> None:
         (p, t) for p in (0.05, 0.1) for t in (0.5, 1.0, 4.0)
     ]
     assert result["tau_learned"] in protocol.tau_search_grid((0.5, 1.0, 4.0))
+
+
+def test_tau_span_widens_each_grid(tmp_path: Path) -> None:
+    _write_dataset(tmp_path, n_splits=1)
+    data = load_dataset(tmp_path, "toy")  # grid (0.5, 1.0)
+    config = _config(tau_span=4.0, extra_taus=(2.0,))  # 2.0 = 1.0 * sqrt(4): listed once
+    assert config.taus(data) == (0.5, 1.0, 0.125, 0.25, 2.0, 4.0)
+    assert not protocol.ProtocolConfig(tau_span=4.0).is_protocol()
+    assert protocol.ProtocolConfig(tau_span=1.0).is_protocol()
+    (result,) = protocol.run_splits(data, [data.splits[0]], config)
+    assert len(result["grid"]) == 2 * 6
+    with pytest.raises(ValueError, match=r"tau_span must be a finite float >= 1, got 0\.5"):
+        protocol.ProtocolConfig(tau_span=0.5)
+    with pytest.raises(TypeError, match="tau_span must be a float, got str"):
+        protocol.ProtocolConfig(tau_span="2")  # type: ignore[arg-type]

@@ -26,7 +26,8 @@ Beyond the protocol (reported separately, never mixed into the protocol numbers)
   a log-spaced grid of :data:`TAU_SEARCH_POINTS` values from ``τ_min / 10`` to ``10 τ_max``
   (on the first ``tau_search_samples`` passes); the test LL of the retrained model is then
   also reported with ``τ*`` (``test.ll_tau_learned``);
-* **wider τ grid**: ``ProtocolConfig.extra_taus`` adds precisions to the grid.
+* **wider τ grid**: ``ProtocolConfig.tau_span`` extends each data set's grid by four
+  log-spaced values beyond its ends, ``ProtocolConfig.extra_taus`` adds given precisions.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class ProtocolConfig:
         seed: seed of initial weights, batch order and masks.
         mc_block: passes per prediction block (memory bound; part of the mask layout).
         extra_taus: precisions added to the grid (beyond the protocol).
+        tau_span: ``S > 1`` adds ``τ_min / S``, ``τ_min / √S``, ``τ_max √S`` and ``τ_max S`` to each
+            data set's grid (beyond the protocol; the published grids of Energy, Yacht and most
+            Boston splits select their top τ); 1: off.
         tau_search_samples: validation passes used by the learned-τ search (0 disables it).
         fused: train and predict with the numba kernels of
             :mod:`~dropkit.experiments.uci.fused` (``None``: when numba is installed) or, with
@@ -111,6 +115,7 @@ class ProtocolConfig:
     seed: int = 0
     mc_block: int = 10
     extra_taus: tuple[float, ...] = field(default_factory=tuple)
+    tau_span: float = 1.0
     tau_search_samples: int = 1000
     fused: bool | None = None
 
@@ -131,6 +136,12 @@ class ProtocolConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+        if isinstance(self.tau_span, bool) or not isinstance(self.tau_span, (int, float)):
+            raise TypeError(
+                f"tau_span must be a float, got {type(self.tau_span).__name__} ({self.tau_span!r})"
+            )
+        if not (math.isfinite(self.tau_span) and self.tau_span >= 1.0):
+            raise ValueError(f"tau_span must be a finite float >= 1, got {self.tau_span!r}")
         for tau in self.extra_taus:
             if not (math.isfinite(tau) and tau > 0):
                 raise ValueError(f"extra_taus entries must be finite floats > 0, got {tau!r}")
@@ -140,8 +151,14 @@ class ProtocolConfig:
         return max(1, round(self.epochs_multiplier * dataset.n_epochs * self.epochs_scale))
 
     def taus(self, dataset: UCIDataset) -> tuple[float, ...]:
-        """The τ grid: the data set's values, then the extra ones not already in it."""
-        return tuple(dataset.tau_values) + tuple(t for t in self.extra_taus if t not in dataset.tau_values)
+        """The τ grid: the data set's values, then the wider span's, then the extra ones (each
+        value once)."""
+        grid = list(dataset.tau_values)
+        if self.tau_span > 1.0:
+            low, high, root = min(grid), max(grid), math.sqrt(self.tau_span)
+            grid += [low / self.tau_span, low / root, high * root, high * self.tau_span]
+        grid += list(self.extra_taus)
+        return tuple(dict.fromkeys(grid))
 
     def is_protocol(self) -> bool:
         """Whether the settings are the published protocol's."""
@@ -154,6 +171,7 @@ class ProtocolConfig:
             and self.lr == 1e-3
             and self.lengthscale == LENGTHSCALE
             and not self.extra_taus
+            and self.tau_span == 1.0
         )
 
     def to_dict(self) -> dict[str, Any]:
