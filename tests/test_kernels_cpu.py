@@ -174,6 +174,15 @@ def test_masks_do_not_depend_on_thread_count(threads: None) -> None:
     assert all(torch.equal(output, outputs[0]) for output in outputs)
 
 
+def test_parallel_launch_keeps_torch_thread_count(threads: None) -> None:
+    # numba's OpenMP layer can share PyTorch's OpenMP runtime and reset its thread count.
+    x = torch.ones(4, 70_001)
+    for count in (1, numba.config.NUMBA_NUM_THREADS + 1, *_thread_counts()):
+        torch.set_num_threads(count)
+        dropkit.functional.dropout(x, 0.3, seed=11)
+        assert torch.get_num_threads() == count
+
+
 def test_keys_with_high_bits_and_negative_seeds() -> None:
     x = torch.ones(1000)
     for key in [

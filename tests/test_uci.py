@@ -248,6 +248,7 @@ def test_fused_kernels_ignore_the_thread_count() -> None:
             blocks: list[torch.Tensor] = []
             predict_blocks(model, specs, x, samples=5, seed=0, block=5, consume=blocks.append, fused=True)
             results.append((model.parameters(), blocks[0]))
+            assert torch.get_num_threads() == threads  # numba's pool left PyTorch's setting alone
     finally:
         torch.set_num_threads(previous)
     for a, b in zip(results[0][0], results[1][0], strict=True):

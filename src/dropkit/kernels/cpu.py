@@ -30,11 +30,12 @@ compile; :func:`_configure_cache_dir` picks a writable location first.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -633,6 +634,22 @@ _recipes: dict[tuple[object, ...], _Recipe] = {}
 _MAX_RECIPES = 1024
 
 
+@contextlib.contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Restore PyTorch's intra-op thread count after a parallel numba launch.
+
+    numba's OpenMP threading layer and PyTorch can share one OpenMP runtime, and a launch resets
+    its thread count: measured here, ``torch.set_num_threads(1)`` became 2 after one launch (and 3
+    became 2), and on a loaded 2-core machine the following torch ops then ran 24x slower.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _threads() -> int:
     """Threads to use: PyTorch's intra-op setting, capped by numba's pool size."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
@@ -707,7 +724,7 @@ def _launch(
         return y
     # One launch at a time: numba's workqueue layer (used when neither TBB nor OpenMP is
     # available) aborts on concurrent launches, and two launches would only share the cores.
-    with _launch_lock:
+    with _launch_lock, keep_torch_threads():
         if numba.get_num_threads() != threads:
             numba.set_num_threads(threads)
         _pool_pid = os.getpid()

@@ -27,9 +27,9 @@ import numba
 import numpy as np
 from numba import prange
 
-from dropkit.kernels.cpu import _philox_words, _threads
+from dropkit.kernels.cpu import _philox_words, _threads, keep_torch_threads
 
-__all__ = ["follow_torch_threads", "predict_block", "train_step"]
+__all__ = ["follow_torch_threads", "keep_torch_threads", "predict_block", "train_step"]
 
 _ELEMENTS_PER_COUNTER = 8
 # Reassociation lets the dot products and gradient sums vectorize; no NaN/inf assumptions.
@@ -39,7 +39,8 @@ _FAST = {"reassoc", "contract", "nsz"}
 def follow_torch_threads() -> None:
     """Run the kernels on PyTorch's intra-op thread count (capped by numba's pool), like every
     dropkit CPU kernel; the results do not depend on it."""
-    numba.set_num_threads(_threads())
+    with keep_torch_threads():  # the first call starts numba's pool, which may reset torch's count
+        numba.set_num_threads(_threads())
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

@@ -388,11 +388,12 @@ def _train_fused(
         for start in range(0, n, batch_size):
             batch = np.ascontiguousarray(perms[:, start : start + batch_size])
             lr_t = lr * math.sqrt(1.0 - beta2 ** (step + 1)) / (1.0 - beta1 ** (step + 1))
-            kernels.train_step(
-                xn, yn, batch, group, masks.data_index, w1, b1, w2, b2, m_state, v_state, decay,
-                seed, masks.streams, masks.slots, masks.thresholds, masks.scales, step,
-                lr_t, beta1, beta2, _ADAM_EPS,
-            )  # fmt: skip
+            with kernels.keep_torch_threads():
+                kernels.train_step(
+                    xn, yn, batch, group, masks.data_index, w1, b1, w2, b2, m_state, v_state, decay,
+                    seed, masks.streams, masks.slots, masks.thresholds, masks.scales, step,
+                    lr_t, beta1, beta2, _ADAM_EPS,
+                )  # fmt: skip
             step += 1
         if on_epoch is not None:
             on_epoch(epoch + 1)
@@ -439,10 +440,11 @@ def predict_blocks(
         for b, start in enumerate(range(0, samples, block)):
             t = min(block, samples - start)
             passes = np.empty((count, t, n), dtype=np.float32)
-            kernels.predict_block(
-                xn, masks.data_index, *weights, seed, masks.streams, masks.slots,
-                masks.thresholds, masks.scales, b, t, passes,
-            )  # fmt: skip
+            with kernels.keep_torch_threads():
+                kernels.predict_block(
+                    xn, masks.data_index, *weights, seed, masks.streams, masks.slots,
+                    masks.thresholds, masks.scales, b, t, passes,
+                )  # fmt: skip
             consume(torch.from_numpy(passes))
         return
     plan = MaskPlan(specs, seed)
