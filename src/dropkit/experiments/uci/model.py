@@ -26,6 +26,12 @@ What makes a model's run reproducible on its own is its :class:`ModelSpec`:
   Models sharing a ``mask_stream`` must share ``p`` and have distinct slots; one engine call
   then draws the masks of all of them.
 
+Two implementations run this recipe: the numba kernels of :mod:`dropkit.experiments.uci.fused`
+(the default when numba is installed: one task per network, nothing of size ``G x B x H`` in
+memory; about 2x faster training and 7x faster MC prediction than the torch path at Wine's size)
+and the torch path below (stacked tensors, ``baddbmm``).  They draw the same masks and agree to
+float32 rounding; only the order of the float32 sums differs.
+
 Adam follows Keras 1 (the benchmark's framework): ``lr_t = lr sqrt(1 - β2^t) / (1 - β1^t)``,
 ``w -= lr_t m / (sqrt(v) + ε)`` with ``β1 = 0.9, β2 = 0.999, ε = 1e-8``.  The loss of one model
 is the mini-batch MSE plus ``λ (||W1||² + ||W2||²)`` (Keras ``l2(λ)`` on both kernels).
