@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as TF
 
-from dropkit._validation import check_bool, check_probability, check_rank
+from dropkit._validation import check_bool, check_probability, check_probability_tensor, check_rank
 from dropkit.engine.masks import keep_mask
 from dropkit.functional._common import SeedLike, check_common, drop_everything, finish, resolve_key
+from dropkit.functional._tensor_rate import register_tensor_rate_variant, tensor_rate_op
 
 __all__ = ["drop_block", "drop_block1d", "drop_block2d", "drop_block3d"]
 
@@ -129,6 +131,28 @@ def block_keep_mask(seeds: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
     return (1.0 - dropped).reshape(*lead, *feature)
 
 
+def _check_options(
+    input: torch.Tensor,
+    block_size: object,
+    spatial_rank: object,
+    channels_last: object,
+    shared_channels: object,
+    per_sample_renorm: object,
+    exact_rate: object,
+) -> int:
+    """Check the options and the input's rank; returns the spatial rank."""
+    _check_block_size(block_size)
+    rank = _check_spatial_rank(spatial_rank)
+    check_bool(channels_last, "channels_last")
+    check_bool(shared_channels, "shared_channels")
+    check_bool(per_sample_renorm, "per_sample_renorm")
+    check_bool(exact_rate, "exact_rate")
+    letters = ", ".join(_LETTERS[rank])
+    layout = f"(N, {letters}, C)" if channels_last else f"(N, C, {letters})"
+    check_rank(input, (rank + 2, rank + 1), f"drop_block{rank}d", f"{layout} or unbatched")
+    return rank
+
+
 def drop_block(
     input: torch.Tensor,
     p: float = 0.1,
@@ -152,15 +176,9 @@ def drop_block(
     """
     input = check_common(input, training, inplace)
     p = check_probability(p)
-    block_size = _check_block_size(block_size)
-    rank = _check_spatial_rank(spatial_rank)
-    check_bool(channels_last, "channels_last")
-    check_bool(shared_channels, "shared_channels")
-    check_bool(per_sample_renorm, "per_sample_renorm")
-    check_bool(exact_rate, "exact_rate")
-    letters = ", ".join(_LETTERS[rank])
-    layout = f"(N, {letters}, C)" if channels_last else f"(N, C, {letters})"
-    check_rank(input, (rank + 2, rank + 1), f"drop_block{rank}d", f"{layout} or unbatched")
+    rank = _check_options(
+        input, block_size, spatial_rank, channels_last, shared_channels, per_sample_renorm, exact_rate
+    )
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0:
@@ -288,3 +306,106 @@ def drop_block3d(
         seed=seed,
         generator=generator,
     )
+
+
+# --- rates held in tensors (see dropkit.functional._tensor_rate) --------------------------------
+
+
+def _drop_block_forward(
+    x: torch.Tensor,
+    key: torch.Tensor,
+    p: float,
+    block_size: int,
+    spatial_rank: int,
+    channels_last: bool,
+    shared_channels: bool,
+    per_sample_renorm: bool,
+    exact_rate: bool,
+) -> torch.Tensor:
+    # gamma (the paper's formula or the bisection of exact_rate) is computed here, from the rate
+    # read at run time, by the float path itself.  y = x * factor(mask): linear in x, so the
+    # gradient is the same op on dy.
+    return drop_block(
+        x,
+        p,
+        True,
+        False,
+        block_size=block_size,
+        spatial_rank=spatial_rank,
+        channels_last=channels_last,
+        shared_channels=shared_channels,
+        per_sample_renorm=per_sample_renorm,
+        exact_rate=exact_rate,
+        seed=key,
+    )
+
+
+#: ``dropkit::drop_block_tensor_rate(x, key, p, block_size, spatial_rank, channels_last,
+#: shared_channels, per_sample_renorm, exact_rate)``: DropBlock with the rate read at run time.
+drop_block_tensor_rate_op = tensor_rate_op(
+    "drop_block_tensor_rate",
+    "int block_size, int spatial_rank, bool channels_last, bool shared_channels, "
+    "bool per_sample_renorm, bool exact_rate",
+    _drop_block_forward,
+)
+
+
+def _drop_block_tensor_rate(
+    input: torch.Tensor,
+    p: torch.Tensor,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    block_size: int = 7,
+    spatial_rank: int = 2,
+    channels_last: bool = False,
+    shared_channels: bool = False,
+    per_sample_renorm: bool = False,
+    exact_rate: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`drop_block` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)``."""
+    check_probability_tensor(p)
+    options: dict[str, Any] = {
+        "block_size": block_size,
+        "spatial_rank": spatial_rank,
+        "channels_last": channels_last,
+        "shared_channels": shared_channels,
+        "per_sample_renorm": per_sample_renorm,
+        "exact_rate": exact_rate,
+    }
+    if not torch.compiler.is_compiling():
+        return drop_block(input, float(p), training, inplace, seed=seed, generator=generator, **options)
+    input = check_common(input, training, inplace)
+    _check_options(input, **options)
+    if not training or input.numel() == 0:
+        return input
+    key = resolve_key(input, seed, generator)
+    output = drop_block_tensor_rate_op(
+        input,
+        key,
+        p.reshape(()),
+        block_size,
+        spatial_rank,
+        channels_last,
+        shared_channels,
+        per_sample_renorm,
+        exact_rate,
+    )
+    return finish(input, output, inplace)
+
+
+def _ranked_tensor_rate(spatial_rank: int) -> Callable[..., torch.Tensor]:
+    def drop_block_ranked(
+        input: torch.Tensor, p: torch.Tensor, training: bool = True, inplace: bool = False, **options: Any
+    ) -> torch.Tensor:
+        return _drop_block_tensor_rate(input, p, training, inplace, spatial_rank=spatial_rank, **options)
+
+    return drop_block_ranked
+
+
+register_tensor_rate_variant(drop_block, _drop_block_tensor_rate)
+register_tensor_rate_variant(drop_block1d, _ranked_tensor_rate(1))
+register_tensor_rate_variant(drop_block2d, _ranked_tensor_rate(2))
+register_tensor_rate_variant(drop_block3d, _ranked_tensor_rate(3))

@@ -71,6 +71,12 @@ def example_keep_masks(
         return torch.ones(shape, dtype=torch.bool, device=key.device)
     if threshold == 1 << 16:
         return torch.zeros(shape, dtype=torch.bool, device=key.device)
+    return _example_bits(key, shape, start, stop) >= threshold
+
+
+def _example_bits(key: torch.Tensor, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+    """The 16-bit draws behind :func:`example_keep_masks` (int64, ``shape``); ``bits >= threshold``
+    is the keep mask for every threshold in ``[0, 2**16]``, the two ends included."""
     per_example = math.prod(shape[1:])
     first, last = start * per_example, stop * per_example
     # A row need not start on a counter boundary: draw the covering counters and cut.
@@ -89,7 +95,7 @@ def example_keep_masks(
     halves = [part for word in words for part in (word & 0xFFFF, word >> 16)]
     offset = first_counter * _ELEMENTS_PER_COUNTER
     bits = torch.stack(halves, dim=1).reshape(-1)[first - offset : last - offset]
-    return (bits >= threshold).reshape(shape)
+    return bits.reshape(shape)
 
 
 def drop_connect_weight(

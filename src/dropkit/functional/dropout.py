@@ -16,6 +16,8 @@ from dropkit._validation import (
 )
 from dropkit.engine import ops
 from dropkit.functional._common import SeedLike, check_common, finish, resolve_key, scale_by
+from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS as TENSOR_RATE_VARIANTS
+from dropkit.functional._tensor_rate import register_tensor_rate_variant
 
 __all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d"]
 
@@ -54,11 +56,8 @@ def dropout(
 
 
 # --- rates held in tensors ---------------------------------------------------------------------
-# dropkit's modules mirror ``p`` into a one-element float64 tensor and, while ``torch.compile`` traces
-# them, pass that tensor to the private variants below instead of the float: the compiled graph
-# then takes the rate as an input and reads it when it runs, so assigning ``module.p`` between
-# calls (a rate schedule) neither recompiles nor specializes the graph.  Eagerly the variants
-# read the value and run the float path, so masks and outputs are bit-identical either way.
+# See dropkit.functional._tensor_rate: while torch.compile traces a dropkit module, the rate
+# reaches these variants as a one-element tensor and is read at run time by the custom op.
 
 
 def _dropout_tensor_rate(
@@ -227,10 +226,7 @@ def _channel_tensor_rate(spatial_rank: int, name: str) -> Callable[..., torch.Te
     return channel_dropout
 
 
-#: The public functionals and their variants that take ``p`` as a one-element tensor.
-TENSOR_RATE_VARIANTS: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {
-    dropout: _dropout_tensor_rate,
-    dropout1d: _channel_tensor_rate(1, "dropout1d"),
-    dropout2d: _channel_tensor_rate(2, "dropout2d"),
-    dropout3d: _channel_tensor_rate(3, "dropout3d"),
-}
+register_tensor_rate_variant(dropout, _dropout_tensor_rate)
+register_tensor_rate_variant(dropout1d, _channel_tensor_rate(1, "dropout1d"))
+register_tensor_rate_variant(dropout2d, _channel_tensor_rate(2, "dropout2d"))
+register_tensor_rate_variant(dropout3d, _channel_tensor_rate(3, "dropout3d"))

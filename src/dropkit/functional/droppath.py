@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from dropkit._validation import check_probability, normalize_dims
+from dropkit._validation import check_probability, check_probability_tensor, normalize_dims
 from dropkit.functional._common import SeedLike, check_common
-from dropkit.functional.dropout import dropout
+from dropkit.functional._tensor_rate import register_tensor_rate_variant
+from dropkit.functional.dropout import _dropout_tensor_rate, dropout
 
 __all__ = ["DROP_PATH_MODES", "STOCHASTIC_DEPTH_RULES", "drop_path", "stochastic_depth_rates"]
 
@@ -56,19 +57,51 @@ def drop_path(
     """
     input = check_common(input, training, inplace)
     p = check_probability(p)
+    shared = _shared_dims(input, mode, batch_dim)
+    return dropout(input, p, training, inplace, broadcast_dims=shared, seed=seed, generator=generator)
+
+
+def _shared_dims(input: torch.Tensor, mode: object, batch_dim: object) -> list[int]:
+    """The dims one draw is shared over (after checking ``mode`` and ``batch_dim``)."""
     mode = check_mode(mode)
     batch_dim = check_batch_dim(batch_dim)
-    if mode == "row":
-        if input.dim() == 0:
-            raise ValueError(
-                "drop_path with mode='row' needs at least a 1-D input with a batch dim, got a 0-D "
-                "tensor (use mode='batch' to drop a scalar)"
-            )
-        (batch,) = normalize_dims(batch_dim, input.dim(), "batch_dim")
-        shared = [dim for dim in range(input.dim()) if dim != batch]
-    else:
-        shared = list(range(input.dim()))
-    return dropout(input, p, training, inplace, broadcast_dims=shared, seed=seed, generator=generator)
+    if mode == "batch":
+        return list(range(input.dim()))
+    if input.dim() == 0:
+        raise ValueError(
+            "drop_path with mode='row' needs at least a 1-D input with a batch dim, got a 0-D "
+            "tensor (use mode='batch' to drop a scalar)"
+        )
+    (batch,) = normalize_dims(batch_dim, input.dim(), "batch_dim")
+    return [dim for dim in range(input.dim()) if dim != batch]
+
+
+def _drop_path_tensor_rate(
+    input: torch.Tensor,
+    p: torch.Tensor,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    mode: str = "row",
+    batch_dim: int = 0,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`drop_path` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)`` (see
+    :mod:`dropkit.functional._tensor_rate`): the dropout op reads it at run time."""
+    check_probability_tensor(p)
+    if not torch.compiler.is_compiling():
+        return drop_path(
+            input, float(p), training, inplace, mode=mode, batch_dim=batch_dim, seed=seed, generator=generator
+        )
+    input = check_common(input, training, inplace)
+    shared = _shared_dims(input, mode, batch_dim)
+    return _dropout_tensor_rate(
+        input, p, training, inplace, broadcast_dims=shared, seed=seed, generator=generator
+    )
+
+
+register_tensor_rate_variant(drop_path, _drop_path_tensor_rate)
 
 
 def stochastic_depth_rates(num_blocks: int, max_rate: float, *, rule: str = "linear") -> list[float]:

@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from dropkit._validation import check_bool, check_floating_tensor, check_probability
+from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.ops import compute_dtype, inverted_scale
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._tensor_rate import (
+    rate_constants_op,
+    register_tensor_rate_variant,
+    tensor_rate_keep_mask,
+)
 
 __all__ = ["embedding_dropout", "word_dropout"]
 
@@ -47,22 +55,27 @@ def _check_num_embeddings(num_embeddings: object) -> int:
 def _token_keep(
     input: torch.Tensor,
     key: torch.Tensor,
-    p: float,
+    p: float | torch.Tensor,
     num_embeddings: int,
     per_token: bool,
     padding_idx: int | None,
+    mask: Callable[[torch.Tensor, Any, tuple[int, ...]], torch.Tensor] = keep_mask,
 ) -> torch.Tensor:
     """Per token: kept (True) or dropped; padding tokens are always kept.
 
     Word-type masks are one draw per row of the vocabulary, ``keep_mask(key, p, (V,))``, read at
-    each token's index; token masks are ``keep_mask(key, p, input.shape)``.
+    each token's index; token masks are ``keep_mask(key, p, input.shape)``.  ``mask`` replaces
+    :func:`keep_mask` (the tensor-rate variant passes one that reads the rate at run time).
     """
     if per_token:
-        keep = keep_mask(key, p, tuple(input.shape))
+        keep = mask(key, p, tuple(input.shape))
     else:
-        # Checked on the CPU only: reading the range of device indices would stall the host.
+        # Checked on the CPU only: reading the range of device indices would stall the host.  Not
+        # while torch.compile traces either: reading values is a graph break, and out-of-range ids
+        # still fail in the lookup below, only with torch's message instead of this one.
         if (
             input.device.type == "cpu"
+            and not torch.compiler.is_compiling()
             and input.numel()
             and (int(input.min()) < 0 or int(input.max()) >= num_embeddings)
         ):
@@ -70,7 +83,7 @@ def _token_keep(
                 f"input indices must be in [0, {num_embeddings}), got values in "
                 f"[{int(input.min())}, {int(input.max())}]"
             )
-        keep = keep_mask(key, p, (num_embeddings,))[input]
+        keep = mask(key, p, (num_embeddings,))[input]
     if padding_idx is not None:
         keep = keep | (input == padding_idx)
     return keep
@@ -154,40 +167,129 @@ def embedding_dropout(
         >>> bool((y[0, 0] == y[0, 2]).all() and (y[0, 0] == y[1, 2]).all())  # word 1 everywhere alike
         True
     """
+    input, weight, padding_idx, unk = _check_embedding_args(
+        input, weight, training, per_token, scale, unk_idx, padding_idx, max_norm
+    )
+    p = check_probability(p)
+    options = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if not training or p == 0.0:
+        return F.embedding(input, weight, *options)
+    key = resolve_key(weight, seed, generator)
+    keep = _token_keep(input, key, p, weight.shape[0], per_token, padding_idx)
+    factor = inverted_scale(p) if scale is None or scale else 1.0
+    return _drop_words(input, weight, keep, unk, factor, options)
+
+
+def _check_embedding_args(
+    input: object,
+    weight: object,
+    training: object,
+    per_token: object,
+    scale: object,
+    unk_idx: object,
+    padding_idx: object,
+    max_norm: object,
+) -> tuple[torch.Tensor, torch.Tensor, int | None, int | None]:
+    """The checked ids and weight, and ``padding_idx`` and ``unk_idx`` resolved to ``[0, V)``."""
     input = _check_ids(input)
     weight = check_floating_tensor(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(
             f"weight must be 2-D (num_embeddings, embedding_dim), got shape {tuple(weight.shape)}"
         )
-    p = check_probability(p)
     check_bool(training, "training")
     check_bool(per_token, "per_token")
     if scale is not None:
         check_bool(scale, "scale")
     num_embeddings = weight.shape[0]
-    padding_idx = check_index(padding_idx, num_embeddings, "padding_idx")
+    padding = check_index(padding_idx, num_embeddings, "padding_idx")
     unk = check_index(unk_idx, num_embeddings, "unk_idx")
     if unk is not None:
         if scale:
             raise ValueError("scale=True does not apply with unk_idx: dropped words read the UNK row")
-        if unk == padding_idx:
+        if unk == padding:
             raise ValueError(f"unk_idx must differ from padding_idx, got {unk_idx} and {padding_idx}")
     if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive float or None, got {max_norm!r}")
-    options = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    if not training or p == 0.0:
-        return F.embedding(input, weight, *options)
-    key = resolve_key(weight, seed, generator)
-    keep = _token_keep(input, key, p, num_embeddings, per_token, padding_idx)
+    return input, weight, padding, unk
+
+
+def _drop_words(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    unk: int | None,
+    factor: float | torch.Tensor,
+    options: tuple[Any, ...],
+) -> torch.Tensor:
+    """The lookup with the dropped tokens zeroed (or read as UNK) and the kept ones scaled by
+    ``factor`` (a float, or a 0-dim float64 tensor holding the same value)."""
+    padding_idx = options[0]
     if unk is not None:
         replaced = torch.where(keep, input, torch.full((), unk, dtype=input.dtype, device=input.device))
         return F.embedding(replaced, weight, *options)
     output = F.embedding(input, weight, *options)
     compute = compute_dtype(output.dtype)
-    factor = inverted_scale(p) if scale is None or scale else 1.0
-    kept = output.to(compute) * torch.tensor(factor, dtype=compute, device=output.device)
+    if isinstance(factor, torch.Tensor):  # float64 -> compute dtype: the rounding torch.tensor does
+        scale = factor.to(dtype=compute, device=output.device)
+    else:
+        scale = torch.tensor(factor, dtype=compute, device=output.device)
+    kept = output.to(compute) * scale
     if padding_idx is not None:  # padding rows pass through as they are, never rescaled
         kept = torch.where((input == padding_idx).unsqueeze(-1), output.to(compute), kept)
     zero = torch.zeros((), dtype=compute, device=output.device)
     return torch.where(keep.unsqueeze(-1), kept, zero).to(output.dtype)
+
+
+# --- rates held in tensors (see dropkit.functional._tensor_rate) --------------------------------
+
+
+def _embedding_dropout_tensor_rate(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    p: torch.Tensor,
+    training: bool = True,
+    *,
+    per_token: bool = False,
+    scale: bool | None = None,
+    unk_idx: int | None = None,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`embedding_dropout` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)``.
+
+    Traced, the threshold of the word mask and the scale ``1 / q`` are computed from the rate
+    read at run time (the float path's arithmetic), so the masks and outputs are the eager ones.
+    """
+    check_probability_tensor(p)
+    lookup: dict[str, Any] = {
+        "per_token": per_token,
+        "scale": scale,
+        "unk_idx": unk_idx,
+        "padding_idx": padding_idx,
+        "max_norm": max_norm,
+        "norm_type": norm_type,
+        "scale_grad_by_freq": scale_grad_by_freq,
+        "sparse": sparse,
+    }
+    if not torch.compiler.is_compiling():
+        return embedding_dropout(input, weight, float(p), training, seed=seed, generator=generator, **lookup)
+    input, weight, padding, unk = _check_embedding_args(
+        input, weight, training, per_token, scale, unk_idx, padding_idx, max_norm
+    )
+    options = (padding, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if not training:
+        return F.embedding(input, weight, *options)
+    key = resolve_key(weight, seed, generator)
+    keep = _token_keep(input, key, p, weight.shape[0], per_token, padding, tensor_rate_keep_mask)
+    _, inverted = rate_constants_op(p.reshape(()), "p")
+    factor = inverted if scale is None or scale else 1.0
+    return _drop_words(input, weight, keep, unk, factor, options)
+
+
+register_tensor_rate_variant(embedding_dropout, _embedding_dropout_tensor_rate)

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
-from dropkit._validation import check_nonnegative, check_probability, normalize_dims
+from dropkit._validation import check_nonnegative, check_probability, check_probability_tensor, normalize_dims
 from dropkit.engine import ops
 from dropkit.functional._common import SeedLike, check_common, drop_everything, finish, resolve_key
+from dropkit.functional._tensor_rate import register_tensor_rate_variant, tensor_rate_op
 
 __all__ = ["gaussian_dropout", "gaussian_dropout_std", "gaussian_noise"]
 
@@ -41,8 +42,16 @@ def gaussian_dropout(
     if p == 1.0:
         return drop_everything(input, inplace)
     key = resolve_key(input, seed, generator)
-    output = ops.gaussian_scale(input, key, gaussian_dropout_std(p), dims)
-    return finish(input, output, inplace)
+    return finish(input, _gaussian_forward(input, key, p, dims), inplace)
+
+
+def _gaussian_forward(x: torch.Tensor, key: torch.Tensor, p: float, dims: list[int]) -> torch.Tensor:
+    """The training forward of :func:`gaussian_dropout` (linear in ``x``: also its backward)."""
+    if p == 0.0:
+        return x
+    if p == 1.0:
+        return drop_everything(x, False)
+    return ops.gaussian_scale(x, key, gaussian_dropout_std(p), dims)
 
 
 def gaussian_noise(
@@ -63,3 +72,86 @@ def gaussian_noise(
         return input
     key = resolve_key(input, seed, generator)
     return finish(input, ops.gaussian_shift(input, key, std, dims), inplace)
+
+
+# --- rates held in tensors (see dropkit.functional._tensor_rate) --------------------------------
+
+#: ``dropkit::gaussian_dropout_tensor_rate(x, key, p, broadcast_dims)``: the std
+#: ``sqrt(p / (1 - p))`` is computed from the rate read at run time, as the float path computes it.
+gaussian_dropout_tensor_rate_op = tensor_rate_op(
+    "gaussian_dropout_tensor_rate", "int[] broadcast_dims", _gaussian_forward
+)
+
+
+def _noise_forward(x: torch.Tensor, key: torch.Tensor, std: float, dims: list[int]) -> torch.Tensor:
+    return x if std == 0.0 else ops.gaussian_shift(x, key, std, dims)
+
+
+#: ``dropkit::gaussian_noise_tensor_rate(x, key, p, broadcast_dims)``: ``p`` holds the std
+#: (validated as ``std``: finite and >= 0); the gradient is the incoming one.
+gaussian_noise_tensor_rate_op = tensor_rate_op(
+    "gaussian_noise_tensor_rate",
+    "int[] broadcast_dims",
+    _noise_forward,
+    "identity",
+    rate_name="std",
+    check=check_nonnegative,
+)
+
+
+def _gaussian_dropout_tensor_rate(
+    input: torch.Tensor,
+    p: torch.Tensor,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    broadcast_dims: int | Sequence[int] = (),
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`gaussian_dropout` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)``."""
+    check_probability_tensor(p)
+    if not torch.compiler.is_compiling():
+        return gaussian_dropout(
+            input, float(p), training, inplace, broadcast_dims=broadcast_dims, seed=seed, generator=generator
+        )
+    input = check_common(input, training, inplace)
+    dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
+    if not training:
+        return input
+    key = resolve_key(input, seed, generator)
+    return finish(input, gaussian_dropout_tensor_rate_op(input, key, p.reshape(()), dims), inplace)
+
+
+def _gaussian_noise_tensor_rate(
+    input: torch.Tensor,
+    std: torch.Tensor,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    broadcast_dims: int | Sequence[int] = (),
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`gaussian_noise` with ``std`` a floating-point tensor of shape ``()`` or ``(1,)``."""
+    check_probability_tensor(std, "std")
+    if not torch.compiler.is_compiling():
+        return gaussian_noise(
+            input,
+            float(std),
+            training,
+            inplace,
+            broadcast_dims=broadcast_dims,
+            seed=seed,
+            generator=generator,
+        )
+    input = check_common(input, training, inplace)
+    dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
+    if not training:
+        return input
+    key = resolve_key(input, seed, generator)
+    return finish(input, gaussian_noise_tensor_rate_op(input, key, std.reshape(()), dims), inplace)
+
+
+register_tensor_rate_variant(gaussian_dropout, _gaussian_dropout_tensor_rate)
+register_tensor_rate_variant(gaussian_noise, _gaussian_noise_tensor_rate)

@@ -3,16 +3,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import overload
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from dropkit._validation import check_bool, check_floating_tensor, check_min_rank, check_probability
+from dropkit._validation import (
+    check_bool,
+    check_floating_tensor,
+    check_min_rank,
+    check_probability,
+    check_probability_tensor,
+)
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.ops import compute_dtype, inverted_scale
 from dropkit.functional._common import SeedLike, check_common, finish, resolve_key
-from dropkit.functional.dropout import dropout
+from dropkit.functional._tensor_rate import register_tensor_rate_variant
+from dropkit.functional.dropout import _dropout_tensor_rate, dropout
 
 __all__ = ["locked_dropout"]
 
@@ -137,10 +145,64 @@ def locked_dropout(
     pad = None if padding_mask is None else _check_padding_mask(padding_mask, input, batch_first)
     if not training or p == 0.0:
         return input
+    return _locked(input, p, inplace, batch_first, pad, seed, generator, dropout)
+
+
+def _locked(
+    input: torch.Tensor,
+    p: float | torch.Tensor,
+    inplace: bool,
+    batch_first: bool,
+    pad: torch.Tensor | None,
+    seed: SeedLike,
+    generator: torch.Generator | None,
+    op: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """The training forward on a tensor: ``op`` (dropout or its tensor-rate variant) tied over time."""
     time_dim = 1 if batch_first and input.dim() > 2 else 0
     key = resolve_key(input, seed, generator)
     if pad is None:
-        return dropout(input, p, True, inplace, broadcast_dims=time_dim, seed=key)
-    output = dropout(input, p, True, False, broadcast_dims=time_dim, seed=key)
+        return op(input, p, True, inplace, broadcast_dims=time_dim, seed=key)
+    output = op(input, p, True, False, broadcast_dims=time_dim, seed=key)
     pad = pad.reshape(*pad.shape, *([1] * (input.dim() - pad.dim())))
     return finish(input, torch.where(pad, input, output), inplace)
+
+
+def _locked_dropout_tensor_rate(
+    input: torch.Tensor,
+    p: torch.Tensor,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    batch_first: bool = False,
+    padding_mask: torch.Tensor | None = None,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:func:`locked_dropout` of a tensor with ``p`` a floating-point tensor of shape ``()`` or
+    ``(1,)``.  A PackedSequence is refused: its masks are gathered by data-dependent indices
+    (the batch sizes), which a traced graph cannot hold anyway, so it takes the float rate."""
+    check_probability_tensor(p)
+    if isinstance(input, PackedSequence):
+        raise TypeError("a rate held in a tensor applies to tensor input, got a PackedSequence")
+    if not torch.compiler.is_compiling():
+        return locked_dropout(
+            input,
+            float(p),
+            training,
+            inplace,
+            batch_first=batch_first,
+            padding_mask=padding_mask,
+            seed=seed,
+            generator=generator,
+        )
+    check_bool(batch_first, "batch_first")
+    input = check_common(input, training, inplace)
+    check_min_rank(input, 2, "locked_dropout", _LAYOUT)
+    pad = None if padding_mask is None else _check_padding_mask(padding_mask, input, batch_first)
+    if not training:
+        return input
+    return _locked(input, p, inplace, batch_first, pad, seed, generator, _dropout_tensor_rate)
+
+
+register_tensor_rate_variant(locked_dropout, _locked_dropout_tensor_rate)

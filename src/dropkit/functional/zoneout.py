@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from dropkit._validation import check_bool, check_floating_tensor, check_probability
+from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
 from dropkit.engine.masks import drop_threshold, random_bits16
+from dropkit.engine.ops import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._tensor_rate import rate_constants_op, register_tensor_rate_variant
 
 __all__ = ["zoneout", "zoneout_states"]
 
@@ -20,6 +23,28 @@ def _expectation(prev: torch.Tensor, new: torch.Tensor, p: float) -> torch.Tenso
     if p == 1.0:
         return prev
     return prev * p + new * (1.0 - p)
+
+
+def _check_states(
+    prev: Sequence[torch.Tensor], new: Sequence[torch.Tensor], rates: Sequence[Any]
+) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """``(prev[i], new[i], rates[i])`` after checking the lengths and each pair of states."""
+    if not (len(prev) == len(new) == len(rates)) or not prev:
+        raise ValueError(
+            "prev, new and rates must have the same non-zero length, "
+            f"got {len(prev)}, {len(new)}, {len(rates)}"
+        )
+    checked = []
+    for i, (before, after, rate) in enumerate(zip(prev, new, rates, strict=True)):
+        before = check_floating_tensor(before, f"prev[{i}]")
+        after = check_floating_tensor(after, f"new[{i}]")
+        if before.shape != after.shape:
+            raise ValueError(
+                f"prev[{i}] and new[{i}] must have the same shape, got {tuple(before.shape)} "
+                f"and {tuple(after.shape)}"
+            )
+        checked.append((before, after, rate))
+    return checked
 
 
 def zoneout_states(
@@ -40,21 +65,10 @@ def zoneout_states(
     independent and ``zoneout_states((a,), (b,), (p,))[0] == zoneout(a, b, p)``.
     """
     check_bool(training, "training")
-    if not (len(prev) == len(new) == len(rates)) or not prev:
-        raise ValueError(
-            "prev, new and rates must have the same non-zero length, "
-            f"got {len(prev)}, {len(new)}, {len(rates)}"
-        )
-    checked = []
-    for i, (before, after, rate) in enumerate(zip(prev, new, rates, strict=True)):
-        before = check_floating_tensor(before, f"prev[{i}]")
-        after = check_floating_tensor(after, f"new[{i}]")
-        if before.shape != after.shape:
-            raise ValueError(
-                f"prev[{i}] and new[{i}] must have the same shape, got {tuple(before.shape)} "
-                f"and {tuple(after.shape)}"
-            )
-        checked.append((before, after, check_probability(rate, f"rates[{i}]")))
+    checked = [
+        (before, after, check_probability(rate, f"rates[{i}]"))
+        for i, (before, after, rate) in enumerate(_check_states(prev, new, rates))
+    ]
     if not training:
         return tuple(_expectation(before, after, rate) for before, after, rate in checked)
     if all(rate == 0.0 for _, _, rate in checked):
@@ -94,3 +108,53 @@ def zoneout(
         tensor([0.7500, 0.7500, 0.7500])
     """
     return zoneout_states((prev,), (new,), (p,), training, seed=seed, generator=generator)[0]
+
+
+# --- rates held in tensors (see dropkit.functional._tensor_rate) --------------------------------
+
+
+def _expectation_tensor_rate(prev: torch.Tensor, new: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """:func:`_expectation` with the rate in a tensor: ``p`` and ``1 - p`` (in float64, as the
+    float path computes it) rounded once to the compute dtype, which is what torch does with the
+    Python floats of the float path, so the bits agree; the ends stay exact."""
+    compute = compute_dtype(prev.dtype)
+    p = p.reshape(()).to(prev.device)
+    mixed = prev * p.to(compute) + new * (1.0 - p).to(compute)
+    return torch.where(p == 0.0, new, torch.where(p == 1.0, prev, mixed))
+
+
+def _zoneout_states_tensor_rate(
+    prev: Sequence[torch.Tensor],
+    new: Sequence[torch.Tensor],
+    rates: Sequence[torch.Tensor],
+    training: bool = True,
+    *,
+    seed: SeedLike = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`zoneout_states` with each rate a floating-point tensor of shape ``()`` or ``(1,)``.
+
+    Traced, each state's threshold is computed from its rate read at run time and compared with
+    the same draws, so the masks are the eager ones.
+    """
+    for i, rate in enumerate(rates):
+        check_probability_tensor(rate, f"rates[{i}]")
+    if not torch.compiler.is_compiling():
+        floats = [float(rate) for rate in rates]
+        return zoneout_states(prev, new, floats, training, seed=seed, generator=generator)
+    check_bool(training, "training")
+    checked = _check_states(prev, new, rates)
+    if not training:
+        return tuple(_expectation_tensor_rate(before, after, rate) for before, after, rate in checked)
+    key = resolve_key(checked[0][1], seed, generator)
+    sizes = [after.numel() for _, after, _ in checked]
+    bits = random_bits16(key, sum(sizes))
+    states = []
+    for i, ((before, after, rate), part) in enumerate(zip(checked, bits.split(sizes), strict=True)):
+        threshold, _ = rate_constants_op(rate.reshape(()), f"rates[{i}]")
+        update = (part >= threshold.to(part.device)).reshape(after.shape).to(after.device)
+        states.append(torch.where(update, after, before))
+    return tuple(states)
+
+
+register_tensor_rate_variant(zoneout_states, _zoneout_states_tensor_rate)

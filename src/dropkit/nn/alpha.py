@@ -20,7 +20,8 @@ class AlphaDropout(_DropoutBase):
         a = (q + \alpha'^2 q p)^{-1/2},\quad b = -a\,\alpha' p .
 
     In eval mode the layer is the identity; at ``p = 1`` it outputs zeros (the correction
-    diverges there).  ``inplace`` is honoured.
+    diverges there).  ``inplace`` is honoured.  Under ``torch.compile``, :math:`a` and :math:`b`
+    are computed from ``p_tensor`` when the graph runs, so a changed ``p`` does not recompile.
 
     Args:
         p: probability of an element being dropped. Default: 0.5

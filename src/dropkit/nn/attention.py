@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import torch
 
-from dropkit._validation import check_bool, check_probability
+from dropkit._validation import check_bool
 from dropkit.functional._common import SeedLike
+from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
 from dropkit.functional.attention import residual_dropout, scaled_dot_product_attention
-from dropkit.nn._base import _RandomLayer
+from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 from dropkit.nn.dropout import Dropout
 
 __all__ = ["AttentionDropout", "ResidualDropout", "ScaledDotProductAttention"]
@@ -71,7 +72,7 @@ class AttentionDropout(Dropout):
         super().__init__(p, inplace, inverted=inverted, broadcast_dims=broadcast_dims)
 
 
-class ResidualDropout(_RandomLayer):
+class ResidualDropout(_ProbabilityRate, _RandomLayer):
     r"""Dropout on a sub-layer's output before the residual add: ``residual + dropout(x + b)``.
 
     .. math::
@@ -85,7 +86,9 @@ class ResidualDropout(_RandomLayer):
     ``F.linear(h, weight)``) to take the fused path of :class:`dropkit.nn.BiasDropoutAdd`: bias
     add, dropout and residual add in one pass, with no mask kept for backward.  Without a bias the
     result is ``residual + dropkit.functional.dropout(x)``.  The mask is the one
-    :class:`dropkit.nn.Dropout` draws for ``x + b`` with the same key.
+    :class:`dropkit.nn.Dropout` draws for ``x + b`` with the same key.  Under ``torch.compile``
+    the rate is read from ``p_tensor`` when the graph runs (fused path included), so assigning
+    ``p`` between calls does not recompile.
 
     Args:
         p: probability of an element of the sub-layer output being zeroed, in ``[0, 1]``.
@@ -119,7 +122,7 @@ class ResidualDropout(_RandomLayer):
 
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()
-        self.p = check_probability(p)
+        self.p = p
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -136,12 +139,17 @@ class ResidualDropout(_RandomLayer):
         """``residual + dropout(input + bias)``; ``seed`` or ``generator`` fix this call's mask."""
         if self.training:
             seed = self._key(input, seed, generator)
+        if torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
+            variant = TENSOR_RATE_VARIANTS[residual_dropout]
+            return variant(
+                input, residual, self.p_tensor, self.training, bias=bias, seed=seed, generator=generator
+            )
         return residual_dropout(
             input, residual, self.p, self.training, bias=bias, seed=seed, generator=generator
         )
 
 
-class ScaledDotProductAttention(_RandomLayer):
+class ScaledDotProductAttention(_ProbabilityRate, _RandomLayer):
     r"""Scaled dot-product attention with dropout on the attention weights while training.
 
     .. math::
@@ -164,6 +172,13 @@ class ScaledDotProductAttention(_RandomLayer):
     ``use_engine=False`` passes ``dropout_p`` to torch's fused kernels (flash / memory-efficient
     attention on GPUs) instead; their masks come from torch's global RNG, not from dropkit.
     Rows whose every position is masked give zeros, as torch's kernels do.
+
+    ``torch.compile``: with ``use_engine=True`` a compiled training forward reads the rate from
+    ``p_tensor`` when the graph runs, so assigning ``p`` does not recompile, and the masks are
+    the eager ones.  The traced graph always takes the explicit path, also at ``p = 0``, where
+    eager calls torch's kernel: there the two agree to float rounding.  With
+    ``use_engine=False`` torch's kernel takes ``dropout_p`` as a float, a constant of the
+    compiled graph: every new ``p`` recompiles it.
 
     Args:
         p: probability of an attention weight being zeroed while training, in ``[0, 1]``.
@@ -198,7 +213,7 @@ class ScaledDotProductAttention(_RandomLayer):
 
     def __init__(self, p: float = 0.1, *, use_engine: bool = True) -> None:
         super().__init__()
-        self.p = check_probability(p)
+        self.p = p
         self.use_engine = check_bool(use_engine, "use_engine")
 
     @property
@@ -209,6 +224,9 @@ class ScaledDotProductAttention(_RandomLayer):
 
     def extra_repr(self) -> str:
         return f"p={self.p}" + ("" if self.use_engine else ", use_engine=False")
+
+    def _rate_is_graph_input(self, attribute: str) -> bool:
+        return super()._rate_is_graph_input(attribute) and self.use_engine
 
     def forward(
         self,
@@ -226,6 +244,21 @@ class ScaledDotProductAttention(_RandomLayer):
         """Attend ``query`` to ``key``/``value``; ``seed`` or ``generator`` fix this call's mask."""
         if self.training and self.use_engine:
             seed = self._key(query, seed, generator)
+            if torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
+                variant = TENSOR_RATE_VARIANTS[scaled_dot_product_attention]
+                return variant(
+                    query,
+                    key,
+                    value,
+                    attn_mask,
+                    self.p_tensor,
+                    is_causal,
+                    scale,
+                    enable_gqa,
+                    training=True,
+                    seed=seed,
+                    generator=generator,
+                )
         return scaled_dot_product_attention(
             query,
             key,

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 import torch
 
 from dropkit._validation import check_bool
-from dropkit.functional._common import SeedLike
 from dropkit.functional.dropblock import _check_block_size, drop_block1d, drop_block2d, drop_block3d
 from dropkit.nn._base import _DropoutBase
 
@@ -54,23 +53,6 @@ class _DropBlockBase(_DropoutBase):
             "exact_rate": self.exact_rate,
         }
 
-    def forward(
-        self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Apply the layer; ``seed`` (int or key) or ``generator`` fix the mask of this call."""
-        if self.training:
-            seed = self._key(input, seed, generator)
-        functional = type(self)._functional
-        return functional(
-            input,
-            self.p,
-            self.training,
-            self.inplace,
-            seed=seed,
-            generator=generator,
-            **self._options(),
-        )
-
 
 class DropBlock1d(_DropBlockBase):
     r"""DropBlock on 1-D feature maps: zero contiguous runs of ``block_size`` positions.
@@ -89,10 +71,10 @@ class DropBlock1d(_DropBlockBase):
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``
         per_sample_renorm: rescale each sample by its own kept fraction instead of the batch's.
+            Default: ``False``
         exact_rate: solve :math:`\gamma` numerically so that the expected fraction of dropped
             units is exactly :math:`p`, instead of the paper's formula (which realises slightly
             less, e.g. 0.094 for p = 0.1, block 7 on 32 x 32). Default: ``False``
-            Default: ``False``
 
     Shape:
         - Input: :math:`(N, C, L)` or :math:`(C, L)`; with ``channels_last``, :math:`(N, L, C)` or
@@ -144,7 +126,9 @@ class DropBlock2d(_DropBlockBase):
     paper": it is not.  ``shared_channels=True`` gives that variant.  The paper also ramps
     ``keep_prob`` linearly from 1 to its target over training; schedule ``p`` for that.
     Seeds come from dropkit's counter-based engine, so ``seed=`` or ``generator=`` reproduce a
-    mask exactly.  Eval mode and ``p = 0`` return the input itself.
+    mask exactly.  Eval mode and ``p = 0`` return the input itself.  Under ``torch.compile``
+    :math:`\gamma` (formula or bisection) is computed from ``p_tensor`` when the graph runs, so
+    ramping ``p`` (:class:`dropkit.schedules.DropBlockRamp`) does not recompile the model.
 
     Args:
         p: target fraction of dropped units (``1 - keep_prob`` of the paper). Default: 0.1
@@ -154,10 +138,10 @@ class DropBlock2d(_DropBlockBase):
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``
         per_sample_renorm: rescale each sample by its own kept fraction instead of the batch's.
+            Default: ``False``
         exact_rate: solve :math:`\gamma` numerically so that the expected fraction of dropped
             units is exactly :math:`p`, instead of the paper's formula (which realises slightly
             less, e.g. 0.094 for p = 0.1, block 7 on 32 x 32). Default: ``False``
-            Default: ``False``
 
     Shape:
         - Input: :math:`(N, C, H, W)` or :math:`(C, H, W)`; with ``channels_last``,
@@ -201,10 +185,10 @@ class DropBlock3d(_DropBlockBase):
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``
         per_sample_renorm: rescale each sample by its own kept fraction instead of the batch's.
+            Default: ``False``
         exact_rate: solve :math:`\gamma` numerically so that the expected fraction of dropped
             units is exactly :math:`p`, instead of the paper's formula (which realises slightly
             less, e.g. 0.094 for p = 0.1, block 7 on 32 x 32). Default: ``False``
-            Default: ``False``
 
     Shape:
         - Input: :math:`(N, C, D, H, W)` or :math:`(C, D, H, W)`; with ``channels_last``,

@@ -9,16 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropkit._validation import check_bool, check_probability
+from dropkit._validation import check_bool
+from dropkit.engine.ops import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._tensor_rate import rate_constants_op, tensor_rate_keep_mask
 from dropkit.functional.dropconnect import (
+    _example_bits,
     apply_weight_mask,
     drop_connect_weight,
     example_keep_masks,
     gaussian_moment_matching,
     variance_ratio,
 )
-from dropkit.nn._base import _RandomLayer
+from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 
 __all__ = ["DropConnect"]
 
@@ -34,7 +37,7 @@ def _positive_int(value: object, name: str) -> int:
     return value
 
 
-class DropConnect(_RandomLayer):
+class DropConnect(_ProbabilityRate, _RandomLayer):
     r"""Drop individual weights of a wrapped ``nn.Linear`` or ``nn.Conv1d/2d/3d`` while training.
 
     Training draws :math:`R_{ij} \sim \mathrm{Bernoulli}(q)`, :math:`q = 1 - p`, and runs the
@@ -113,6 +116,10 @@ class DropConnect(_RandomLayer):
 
     Per call, ``m(x, seed=123)`` or ``m(x, generator=g)`` fix the masks explicitly.
 
+    ``torch.compile``: the masks, ``1/q`` and the moment-matching variance ratio are computed from
+    ``p_tensor`` when the graph runs, so assigning ``p`` does not recompile; masks and outputs are
+    the eager ones.
+
     Reference: Wan, Zeiler, Zhang, LeCun, Fergus, "Regularization of Neural Networks using
     DropConnect", ICML 2013.
     """
@@ -135,7 +142,7 @@ class DropConnect(_RandomLayer):
             raise TypeError(
                 f"DropConnect wraps nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(module).__name__}"
             )
-        self.p = check_probability(p)
+        self.p = p
         self.per_example = check_bool(per_example, "per_example")
         self.chunk_size = _positive_int(chunk_size, "chunk_size")
         self.samples = _positive_int(samples, "samples")
@@ -173,9 +180,33 @@ class DropConnect(_RandomLayer):
         key = resolve_key(input, self._key(input, seed, generator), generator)
         if self.per_example:
             output = self._per_example(input, key)
+        elif torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
+            weight = self.module.weight
+            keep = tensor_rate_keep_mask(key, self.p_tensor, weight.shape)
+            output = self._layer(input, self._apply_mask(weight, keep))
         else:
             output = self._layer(input, drop_connect_weight(self.module.weight, self.p, seed=key))
         return self._activate(output)
+
+    def _apply_mask(self, weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """:func:`apply_weight_mask`, with ``1/q`` read from ``p_tensor`` while tracing (rounded once
+        to the compute dtype: what torch does with the float path's ``1/q``)."""
+        if not torch.compiler.is_compiling():
+            return apply_weight_mask(weight, keep, self.p)
+        _, scale = rate_constants_op(self.p_tensor.reshape(()), "p")
+        zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        return torch.where(
+            keep, weight * scale.to(dtype=compute_dtype(weight.dtype), device=weight.device), zero
+        )
+
+    def _variance_ratio(self, like: torch.Tensor) -> float | torch.Tensor:
+        """:func:`variance_ratio`, from ``p_tensor`` while tracing (the same float64 arithmetic,
+        rounded once to the compute dtype)."""
+        if not torch.compiler.is_compiling():
+            return variance_ratio(self.p)
+        p = self.p_tensor.reshape(())
+        ratio = torch.where(p < 1.0, p / (1.0 - p), torch.zeros_like(p))
+        return ratio.to(dtype=compute_dtype(like.dtype), device=like.device)
 
     def _activate(self, output: torch.Tensor) -> torch.Tensor:
         return output if self.activation is None else self.activation(output)
@@ -189,8 +220,8 @@ class DropConnect(_RandomLayer):
         weight = self.module.weight.square()
         square = input.square()
         if isinstance(self.module, nn.Linear):
-            return F.linear(square, weight) * variance_ratio(self.p)
-        return self.module._conv_forward(square, weight, None) * variance_ratio(self.p)
+            return F.linear(square, weight) * self._variance_ratio(square)
+        return self.module._conv_forward(square, weight, None) * self._variance_ratio(square)
 
     def _layer(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The wrapped layer with another weight; the conv's own ``_conv_forward`` keeps every setting."""
@@ -206,8 +237,13 @@ class DropConnect(_RandomLayer):
         outputs = []
         for start in range(0, batch.shape[0], self.chunk_size):
             stop = min(batch.shape[0], start + self.chunk_size)
-            keep = example_keep_masks(key, self.p, weight.shape, start, stop)
-            outputs.append(self._batched_layer(batch[start:stop], apply_weight_mask(weight, keep, self.p)))
+            if torch.compiler.is_compiling():  # the threshold from the rate read at run time
+                threshold, _ = rate_constants_op(self.p_tensor.reshape(()), "p")
+                shape = (stop - start, *weight.shape)
+                keep = _example_bits(key, shape, start, stop) >= threshold.to(key.device)
+            else:
+                keep = example_keep_masks(key, self.p, weight.shape, start, stop)
+            outputs.append(self._batched_layer(batch[start:stop], self._apply_mask(weight, keep)))
         output = torch.cat(outputs)
         return output.squeeze(0) if unbatched else output
 

@@ -12,9 +12,9 @@ from dropkit._validation import check_bool, check_probability
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.streams import share_masks_across_ranks
 from dropkit.functional._common import SeedLike, resolve_key
-from dropkit.functional.droppath import check_batch_dim, check_mode
+from dropkit.functional.droppath import _drop_path_tensor_rate, check_batch_dim, check_mode
 from dropkit.functional.droppath import drop_path as F_drop_path
-from dropkit.nn._base import _DropoutBase, _RandomLayer
+from dropkit.nn._base import _DropoutBase, _ProbabilityRate, _RandomLayer
 
 __all__ = ["DropPath", "LayerDrop", "StochasticDepth"]
 
@@ -37,7 +37,9 @@ class DropPath(_DropoutBase):
     gives exact zeros, never NaN.
 
     The mask comes from dropkit's counter-based engine (a ``broadcast_dims`` dropout): backward
-    regenerates it from the 3-word key and keeps no per-element memory.
+    regenerates it from the 3-word key and keeps no per-element memory.  Under
+    ``torch.compile`` the rate is read from ``p_tensor`` when the graph runs, so a changed ``p``
+    (a stochastic-depth schedule) does not recompile.
 
     Args:
         p: probability of a sample's (or, in batch mode, the whole tensor's) path being dropped,
@@ -90,7 +92,7 @@ class DropPath(_DropoutBase):
         return {"mode": self.mode, "batch_dim": self.batch_dim}
 
 
-class StochasticDepth(_RandomLayer):
+class StochasticDepth(_ProbabilityRate, _RandomLayer):
     r"""A residual block with a randomly dropped branch: ``x + DropPath(p, mode=mode)(block(x))``.
 
     ``block`` is the residual *branch* only (the identity shortcut is added here), and must
@@ -103,7 +105,9 @@ class StochasticDepth(_RandomLayer):
     backward) and the output is ``x + 0``; the result, the gradient and the next masks are the
     same as if the branch had been computed and then zeroed.  The decision is read on the host
     (a device sync, and a graph break under ``torch.compile``, where the branch is always
-    computed instead).  Row mode always runs the branch on the whole batch.
+    computed instead).  Row mode always runs the branch on the whole batch.  Under
+    ``torch.compile`` the rate is read from ``p_tensor`` when the graph runs (as for
+    :class:`DropPath`), so assigning ``p`` does not recompile.
 
     Args:
         block: the residual branch, a module mapping the input to a tensor of the same shape.
@@ -126,7 +130,7 @@ class StochasticDepth(_RandomLayer):
         if not isinstance(block, nn.Module):
             raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
         self.block = block
-        self.p = check_probability(p)
+        self.p = p
         self.mode = check_mode(mode)
 
     def extra_repr(self) -> str:
@@ -145,6 +149,9 @@ class StochasticDepth(_RandomLayer):
             and not bool(keep_mask(key, self.p, [1]).item())
         ):
             return input + 0.0  # what input + (dropped branch) gives, without running the branch
+        if torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
+            branch = _drop_path_tensor_rate(self.block(input), self.p_tensor, True, mode=self.mode, seed=key)
+            return input + branch
         return input + F_drop_path(self.block(input), self.p, True, mode=self.mode, seed=key)
 
 
@@ -172,6 +179,13 @@ class LayerDrop(_RandomLayer):
     ``.grad`` stays as it was, so optimizers skip a ``None`` one); DDP then needs
     ``find_unused_parameters=True``.  Either way the set of skipped layers changes between steps:
     do not pass ``static_graph=True``.
+
+    ``torch.compile``: the skipped layers are a Python branch on the drawn decisions, which a
+    traced graph cannot hold, so the forward graph-breaks where the decisions are read
+    (``fullgraph=True`` fails in training) and every distinct set of kept layers compiles its
+    own graph.  ``p`` therefore stays a plain float (a changed ``p`` recompiles the graph that
+    draws the decisions too); compile the layers themselves, or use :class:`StochasticDepth` /
+    :class:`DropPath`, whose branches stay in one graph.
 
     Args:
         layers: the layers, applied in the order given (a ``ModuleList`` or any iterable of

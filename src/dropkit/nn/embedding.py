@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from dropkit._validation import check_bool, check_probability
+from dropkit._validation import check_bool
 from dropkit.functional._common import SeedLike
+from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
 from dropkit.functional.embedding import check_index, embedding_dropout
-from dropkit.nn._base import _RandomLayer
+from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 from dropkit.nn.weight_drop import make_state_dict_transparent
 
 __all__ = ["EmbeddingDropout"]
 
 
-class EmbeddingDropout(_RandomLayer):
+class EmbeddingDropout(_ProbabilityRate, _RandomLayer):
     r"""Drop whole words (rows of the embedding matrix) of a wrapped ``nn.Embedding`` while training.
 
     Each forward draws one Bernoulli(:math:`q`) variable per vocabulary entry,
@@ -45,6 +48,11 @@ class EmbeddingDropout(_RandomLayer):
     ``nn.Embedding`` does, before masking), ``scale_grad_by_freq`` and ``sparse``.
     ``state_dict`` holds the embedding's own keys (``weight``), so this wrapper is a drop-in
     replacement in checkpoints, in both directions.
+
+    ``torch.compile``: the forward traces into one graph (``fullgraph=True``) that reads the rate
+    from ``p_tensor`` when it runs, so assigning ``p`` does not recompile; the masks are the
+    eager ones.  While tracing, the host-side range check of CPU ids is skipped (reading values
+    would break the graph): out-of-range ids still fail, in torch's lookup.
 
     Args:
         embedding: the ``nn.Embedding`` to wrap.
@@ -98,7 +106,7 @@ class EmbeddingDropout(_RandomLayer):
         super().__init__()
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
-        self.p = check_probability(p)
+        self.p = p
         self.per_token = check_bool(per_token, "per_token")
         if scale is not None:
             check_bool(scale, "scale")
@@ -131,10 +139,15 @@ class EmbeddingDropout(_RandomLayer):
         emb = self.module
         if self.training:
             seed = self._key(emb.weight, seed, generator)
-        return embedding_dropout(
+        # While tracing, the rate is a graph input: a new p needs no recompilation.
+        functional: Callable[..., torch.Tensor] = embedding_dropout
+        p: float | torch.Tensor = self.p
+        if torch.compiler.is_compiling():
+            functional, p = TENSOR_RATE_VARIANTS[embedding_dropout], self.p_tensor
+        return functional(
             input,
             emb.weight,
-            self.p,
+            p,
             self.training,
             per_token=self.per_token,
             scale=self.scale,

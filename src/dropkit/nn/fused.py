@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from dropkit import functional as F
-from dropkit._validation import check_probability
 from dropkit.functional._common import SeedLike
-from dropkit.nn._base import _RandomLayer
+from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
+from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 
 __all__ = ["BiasDropoutAdd"]
 
 
-class BiasDropoutAdd(_RandomLayer):
+class BiasDropoutAdd(_ProbabilityRate, _RandomLayer):
     r"""Bias add, dropout and residual add in one pass: the transformer's residual branch.
 
     .. math::
@@ -26,7 +26,8 @@ class BiasDropoutAdd(_RandomLayer):
     float64 results too), and backward regenerates it: nothing per element is kept, where the
     unfused ``residual + F.dropout(x + bias)`` keeps a mask.  Gradients: :math:`\partial y/\partial x
     = r/q`, the bias gradient is that summed over the broadcast dims, and the residual gradient
-    is the incoming gradient.
+    is the incoming gradient.  Under ``torch.compile`` the rate is read from ``p_tensor`` when
+    the graph runs, so assigning ``p`` between calls does not recompile.
 
     Args:
         p: probability of an element of ``x + b`` being zeroed. Default: 0.5
@@ -59,7 +60,7 @@ class BiasDropoutAdd(_RandomLayer):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        self.p = check_probability(p)
+        self.p = p
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -75,6 +76,11 @@ class BiasDropoutAdd(_RandomLayer):
     ) -> torch.Tensor:
         if self.training:
             seed = self._key(input, seed, generator)
+        if torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
+            variant = TENSOR_RATE_VARIANTS[F.bias_dropout_add]
+            return variant(
+                input, bias, residual, self.p_tensor, self.training, seed=seed, generator=generator
+            )
         return F.bias_dropout_add(
             input, bias, residual, self.p, self.training, seed=seed, generator=generator
         )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 from dropkit import functional as F
 from dropkit._validation import check_bool, check_nonnegative
-from dropkit.nn._base import _DropoutBase, _UnaryRandomLayer
+from dropkit.nn._base import _DropoutBase, _mirror_rate, _UnaryRandomLayer
 
 __all__ = ["GaussianDropout", "GaussianNoise"]
 
@@ -16,6 +18,8 @@ class GaussianDropout(_DropoutBase):
         y = x \odot \xi,\qquad \xi \sim \mathcal{N}(1, \sigma^2),\quad \sigma^2 = \frac{p}{1 - p},
 
     which matches the mean and variance of inverted Bernoulli dropout with drop rate ``p``.
+    Under ``torch.compile`` the std is computed from ``p_tensor`` when the graph runs, so a
+    changed ``p`` does not recompile.
     Eval mode is the identity; ``p = 1`` (infinite variance) outputs zeros.  Noise is drawn by
     dropkit's engine in float32 (float64 for float64 input).
 
@@ -45,6 +49,9 @@ class GaussianNoise(_UnaryRandomLayer):
     :math:`\varepsilon \sim \mathcal{N}(0, \mathrm{std}^2)`.
 
     Any finite ``std >= 0`` is allowed (no arbitrary cap).  Eval mode is the identity.
+    ``std`` is validated on every assignment and mirrored into ``std_tensor`` (a float64 CPU
+    tensor of shape ``(1,)``, not a buffer), which a ``torch.compile``-d forward reads as a graph
+    input: assigning ``std`` between calls (a schedule) does not recompile.
 
     Args:
         std: standard deviation of the noise. Default: 0.1
@@ -64,14 +71,29 @@ class GaussianNoise(_UnaryRandomLayer):
     """
 
     _functional = staticmethod(F.gaussian_noise)
+    _tensor_rates = ("std",)
+    _std: float
+    std_tensor: torch.Tensor
 
     def __init__(self, std: float = 0.1, inplace: bool = False) -> None:
         super().__init__()
-        self.std = check_nonnegative(std, "std")
+        self.std = std
         self.inplace = check_bool(inplace, "inplace")
+
+    @property
+    def std(self) -> float:
+        """The standard deviation of the noise, a finite float ``>= 0``."""
+        return self._std
+
+    @std.setter
+    def std(self, value: float) -> None:
+        _mirror_rate(self, "std", check_nonnegative(value, "std"))
 
     def extra_repr(self) -> str:
         return f"std={self.std}, inplace={self.inplace}"
 
     def _rate(self) -> float:
         return self.std
+
+    def _rate_tensor(self) -> torch.Tensor:
+        return self.std_tensor

@@ -7,15 +7,15 @@ from typing import overload
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from dropkit._validation import check_bool, check_probability
+from dropkit._validation import check_bool
 from dropkit.functional._common import SeedLike
-from dropkit.functional.locked import locked_dropout
-from dropkit.nn._base import _RandomLayer
+from dropkit.functional.locked import _locked_dropout_tensor_rate, locked_dropout
+from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 
 __all__ = ["LockedDropout"]
 
 
-class LockedDropout(_RandomLayer):
+class LockedDropout(_ProbabilityRate, _RandomLayer):
     r"""Dropout with one mask per sequence, shared by all its time steps (variational dropout).
 
     While training, each sequence :math:`b` of the batch draws one mask
@@ -39,6 +39,11 @@ class LockedDropout(_RandomLayer):
       ``batch_first``): padded positions are left **exactly as they are** (not zeroed, not
       scaled), so whatever the padding holds survives; masks of real positions do not depend on
       it.
+
+    ``torch.compile``: on tensor input the forward traces into one graph (``fullgraph=True``)
+    that reads the rate from ``p_tensor`` when it runs, so assigning ``p`` does not recompile.
+    PackedSequence input gathers its masks by the batch sizes, data the graph cannot hold: it
+    graph-breaks and its rate stays a float constant (a changed ``p`` recompiles).
 
     Args:
         p: probability of a unit being zeroed for a whole sequence, in ``[0, 1]``. Default: 0.5
@@ -76,7 +81,7 @@ class LockedDropout(_RandomLayer):
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, batch_first: bool = False) -> None:
         super().__init__()
-        self.p = check_probability(p)
+        self.p = p
         self.inplace = check_bool(inplace, "inplace")
         self.batch_first = check_bool(batch_first, "batch_first")
 
@@ -115,6 +120,18 @@ class LockedDropout(_RandomLayer):
         if self.training:
             data = input.data if isinstance(input, PackedSequence) else input
             seed = self._key(data, seed, generator)
+        if torch.compiler.is_compiling() and isinstance(input, torch.Tensor):
+            # The rate as a graph input: no recompile when it changes.
+            return _locked_dropout_tensor_rate(
+                input,
+                self.p_tensor,
+                self.training,
+                self.inplace,
+                batch_first=self.batch_first,
+                padding_mask=padding_mask,
+                seed=seed,
+                generator=generator,
+            )
         return locked_dropout(
             input,
             self.p,

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dropkit._validation import check_bool, check_probability
+from dropkit._validation import check_bool
 from dropkit.engine.masks import keep_mask
+from dropkit.engine.ops import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._tensor_rate import rate_constants_op, tensor_rate_keep_mask
 from dropkit.functional.dropconnect import apply_weight_mask
-from dropkit.nn._base import _RandomLayer
+from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 
 __all__ = ["WeightDrop"]
 
@@ -67,7 +69,7 @@ def _default_rnn_weights(module: nn.RNNBase) -> list[str]:
     return [name for name in module._flat_weights_names if name.startswith("weight_hh_l")]
 
 
-class WeightDrop(_RandomLayer):
+class WeightDrop(_ProbabilityRate, _RandomLayer):
     r"""DropConnect on named weights of a wrapped module, one mask per forward (AWD-LSTM's weight drop).
 
     While training, every named weight :math:`W` is replaced for this call by
@@ -97,6 +99,9 @@ class WeightDrop(_RandomLayer):
     in its place, and the reverse; keys prefixed with ``module.`` load too.  (On CUDA with
     cuDNN, the masked weights are not one contiguous buffer, as for any weight drop: cuDNN
     compacts them on each call, and its warning about it is silenced for the wrapped call only.)
+
+    ``torch.compile``: the masks and scales are read from ``p_tensor`` when the graph runs, so
+    assigning ``p`` does not recompile; the masks and dropped weights are the eager ones.
 
     Args:
         module: the module to wrap (any ``nn.Module``).
@@ -152,7 +157,7 @@ class WeightDrop(_RandomLayer):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-        self.p = check_probability(p)
+        self.p = p
         self.inverted = check_bool(inverted, "inverted")
         self.module = module
         self.weights = self._check_weights(module, weights)
@@ -204,11 +209,21 @@ class WeightDrop(_RandomLayer):
         raw = self._raw_weights()
         key = resolve_key(raw[0], self._key(raw[0], seed, generator), generator)
         sizes = [weight.numel() for weight in raw]
-        keep = keep_mask(key, self.p, (sum(sizes),))
+        tracing = torch.compiler.is_compiling()
+        if tracing:  # the rate as a graph input, read when the graph runs: no recompilation
+            keep = tensor_rate_keep_mask(key, self.p_tensor, (sum(sizes),))
+            _, scale = rate_constants_op(self.p_tensor.reshape(()), "p")
+        else:
+            keep = keep_mask(key, self.p, (sum(sizes),))
         dropped = {}
         for name, weight, part in zip(self.weights, raw, keep.split(sizes), strict=True):
             part = part.reshape(weight.shape)
-            if self.inverted:
+            if self.inverted and tracing:
+                # 1/q rounded once to the compute dtype: what torch does with the float path's 1/q.
+                factor = scale.to(dtype=compute_dtype(weight.dtype), device=weight.device)
+                zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+                dropped[name] = torch.where(part, weight * factor, zero)
+            elif self.inverted:
                 dropped[name] = apply_weight_mask(weight, part, self.p)
             else:
                 zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
@@ -216,8 +231,15 @@ class WeightDrop(_RandomLayer):
         return dropped
 
     def _eval_weights(self) -> dict[str, torch.Tensor]:
-        q = 1.0 - self.p
-        return {name: weight * q for name, weight in zip(self.weights, self._raw_weights(), strict=True)}
+        raw = self._raw_weights()
+        if torch.compiler.is_compiling():  # q = 1 - p in float64, rounded once, as torch rounds the float q
+            q = 1.0 - self.p_tensor.reshape(())
+            return {
+                name: weight * q.to(dtype=compute_dtype(weight.dtype), device=weight.device)
+                for name, weight in zip(self.weights, raw, strict=True)
+            }
+        q_float = 1.0 - self.p
+        return {name: weight * q_float for name, weight in zip(self.weights, raw, strict=True)}
 
     def forward(
         self, *args: Any, seed: SeedLike = None, generator: torch.Generator | None = None, **kwargs: Any
@@ -225,7 +247,7 @@ class WeightDrop(_RandomLayer):
         """Run the wrapped module with dropped weights (training) or its own (eval)."""
         if self.training:
             replaced: Mapping[str, torch.Tensor] = self.dropped_weights(seed=seed, generator=generator)
-        elif self.inverted or self.p == 0.0:
+        elif self.inverted or (not torch.compiler.is_compiling() and self.p == 0.0):
             return self.module(*args, **kwargs)
         else:
             replaced = self._eval_weights()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from dropkit._validation import check_bool, check_probability
 from dropkit.functional._common import SeedLike, resolve_key
-from dropkit.functional.zoneout import zoneout, zoneout_states
-from dropkit.nn._base import _RandomLayer
+from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
+from dropkit.functional.zoneout import zoneout_states
+from dropkit.nn._base import _mirror_rate, _ProbabilityRate, _RandomLayer
 from dropkit.nn.weight_drop import make_state_dict_transparent
 
 __all__ = ["ZoneoutCell"]
@@ -17,7 +20,7 @@ _Cell = nn.LSTMCell | nn.GRUCell | nn.RNNCell
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-class ZoneoutCell(_RandomLayer):
+class ZoneoutCell(_ProbabilityRate, _RandomLayer):
     r"""Zoneout around an ``nn.LSTMCell``, ``nn.GRUCell`` or ``nn.RNNCell``.
 
     The wrapped cell computes the candidate state :math:`\tilde h_t` from :math:`x_t` and
@@ -38,6 +41,11 @@ class ZoneoutCell(_RandomLayer):
     Every training call draws a fresh key (a new mask per time step); :meth:`sequence` runs the
     cell over a whole ``(T, B, I)`` sequence.  ``state_dict`` holds the cell's own keys
     (``weight_ih``, ...), so the wrapper loads checkpoints of the plain cell and the reverse.
+
+    ``torch.compile``: a step traces into one graph (``fullgraph=True``) that reads ``p`` and
+    ``cell_p`` from ``p_tensor`` / ``cell_p_tensor`` when it runs, so assigning them does not
+    recompile; training masks are the eager ones, and the eval expectation rounds ``p`` and
+    ``1 - p`` as the float path does.
 
     Args:
         cell: the ``nn.LSTMCell``, ``nn.GRUCell`` or ``nn.RNNCell`` to wrap.
@@ -74,6 +82,9 @@ class ZoneoutCell(_RandomLayer):
     """
 
     module: _Cell
+    _tensor_rates = ("p", "cell_p")
+    _cell_p: float
+    cell_p_tensor: torch.Tensor
 
     def __init__(self, cell: nn.Module, p: float = 0.1, cell_p: float | None = None) -> None:
         super().__init__()
@@ -81,14 +92,29 @@ class ZoneoutCell(_RandomLayer):
             raise TypeError(
                 f"cell must be an nn.LSTMCell, nn.GRUCell or nn.RNNCell, got {type(cell).__name__}"
             )
-        self.p = check_probability(p)
+        self.p = p
         if cell_p is not None and not isinstance(cell, nn.LSTMCell):
             raise ValueError(
                 f"cell_p applies to nn.LSTMCell only, got cell_p={cell_p!r} for {type(cell).__name__}"
             )
-        self.cell_p = self.p if cell_p is None else check_probability(cell_p, "cell_p")
+        self.cell_p = self.p if cell_p is None else cell_p
         self.module = cell
         make_state_dict_transparent(self)
+
+    @property
+    def cell_p(self) -> float:
+        """The zoneout probability of an LSTM's memory cell, in ``[0, 1]``."""
+        return self._cell_p
+
+    @cell_p.setter
+    def cell_p(self, value: float) -> None:
+        _mirror_rate(self, "cell_p", check_probability(value, "cell_p"))
+
+    def _rates(self, count: int) -> list[float] | list[torch.Tensor]:
+        """The rates of the ``count`` states (h, then c), as tensors while tracing."""
+        if torch.compiler.is_compiling():  # graph inputs: a new rate needs no recompilation
+            return [self.p_tensor, self.cell_p_tensor][:count]
+        return [self.p, self.cell_p][:count]
 
     def extra_repr(self) -> str:
         if isinstance(self.module, nn.LSTMCell):
@@ -119,9 +145,7 @@ class ZoneoutCell(_RandomLayer):
             if not isinstance(hx, tuple) or len(hx) != 2:
                 raise TypeError(f"hx of an LSTM cell must be a tuple (h, c) or None, got {type(hx).__name__}")
             new_h, new_c = self.module(input, hx)
-            h, c = zoneout_states(
-                hx, (new_h, new_c), (self.p, self.cell_p), self.training, seed=seed, generator=generator
-            )
+            h, c = self._zoneout(hx, (new_h, new_c), seed, generator)
             return h, c
         if hx is None:
             hx = self._zeros(input)
@@ -129,7 +153,20 @@ class ZoneoutCell(_RandomLayer):
             raise TypeError(
                 f"hx of a {type(self.module).__name__} must be a tensor or None, got {type(hx).__name__}"
             )
-        return zoneout(hx, self.module(input, hx), self.p, self.training, seed=seed, generator=generator)
+        (h,) = self._zoneout((hx,), (self.module(input, hx),), seed, generator)
+        return h
+
+    def _zoneout(
+        self,
+        prev: tuple[torch.Tensor, ...],
+        new: tuple[torch.Tensor, ...],
+        seed: SeedLike,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, ...]:
+        functional: Callable[..., tuple[torch.Tensor, ...]] = zoneout_states
+        if torch.compiler.is_compiling():
+            functional = TENSOR_RATE_VARIANTS[zoneout_states]
+        return functional(prev, new, self._rates(len(prev)), self.training, seed=seed, generator=generator)
 
     def sequence(
         self,

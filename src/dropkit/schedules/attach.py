@@ -14,12 +14,16 @@ Three ways to advance it, from the hardest to get wrong:
   micro-batch: the schedules advance every ``N`` calls.
 * :meth:`~ScheduledRates.step` once per optimizer step (``accumulation_steps=1``, the default).
 
-Rates of dropkit's ``Dropout`` / ``Dropout1d`` / ``Dropout2d`` / ``Dropout3d`` (and any
-attribute that holds a tensor, which is filled in place) reach a ``torch.compile``-d graph as a
+The ``p`` of dropkit's ``Dropout`` / ``Dropout1d/2d/3d``, ``AlphaDropout``,
+``FeatureAlphaDropout``, ``GaussianDropout``, ``DropBlock1d/2d/3d``, ``DropPath``,
+``StochasticDepth``, ``ResidualDropout``, ``BiasDropoutAdd``, ``ScaledDotProductAttention``
+(with ``use_engine=True``), ``LockedDropout``, ``EmbeddingDropout``, ``WeightDrop``,
+``DropConnect`` and ``ZoneoutCell`` (and its ``cell_p``), the ``std`` of ``GaussianNoise``,
+and any attribute that holds a tensor (filled in place) reach a ``torch.compile``-d graph as a
 tensor input, so a schedule does not recompile the model.  Any other float attribute, that of
-``torch.nn.Dropout`` included, is a constant of the compiled graph: every new value recompiles
-it, up to ``torch._dynamo.config.recompile_limit`` times; attaching to a compiled model warns
-about such modules.
+``torch.nn.Dropout`` and of dropkit's ``LayerDrop`` included, is a constant of the compiled
+graph: every new value recompiles it, up to ``torch._dynamo.config.recompile_limit`` times;
+attaching to a compiled model warns about such modules.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dropkit import nn as dk_nn
 from dropkit._validation import check_int
-from dropkit.nn._base import _DropoutBase
+from dropkit.nn._base import _RandomLayer
 
 __all__ = ["DEFAULT_DROPOUT_TYPES", "Attachment", "ScheduledRates", "attach"]
 
@@ -361,11 +365,9 @@ def _compile_safe(module: nn.Module, attribute: str) -> bool:
     """Whether a compiled graph reads ``attribute`` of ``module`` as an input, not a constant."""
     if isinstance(getattr(module, attribute), torch.Tensor):
         return True
-    return (
-        attribute == "p"
-        and isinstance(module, _DropoutBase)
-        and type(module)._tensor_rate_functional is not None
-    )
+    # Each dropkit layer knows which of its float rates it mirrors into a tensor holder that its
+    # compiled forward reads (SDPA only on the engine path, unary layers only with a variant).
+    return isinstance(module, _RandomLayer) and module._rate_is_graph_input(attribute)
 
 
 def _warn_if_recompiling(selected: list[tuple[str, nn.Module]], attribute: str) -> None:
@@ -373,8 +375,8 @@ def _warn_if_recompiling(selected: list[tuple[str, nn.Module]], attribute: str) 
     if constant:
         warnings.warn(
             f"the compiled model treats {attribute!r} of {_summary(constant)} as a constant: every "
-            "new scheduled value recompiles it; dropkit's Dropout layers or tensor-valued "
-            "attributes change without recompiling",
+            "new scheduled value recompiles it; the rates of dropkit's dropout layers (see "
+            "dropkit.schedules.attach) or tensor-valued attributes change without recompiling",
             UserWarning,
             stacklevel=4,
         )
