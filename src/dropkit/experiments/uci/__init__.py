@@ -4,6 +4,7 @@
 * :mod:`~dropkit.experiments.uci.model`: many networks trained as one vectorized model;
 * :mod:`~dropkit.experiments.uci.protocol`: grid, selection, retraining, scoring;
 * :mod:`~dropkit.experiments.uci.report`: per-split JSON, CSV/JSON/Markdown summaries;
+* :mod:`~dropkit.experiments.uci.concrete`: beyond the protocol, concrete dropout (learned rates);
 * :mod:`~dropkit.experiments.uci.cli`: ``python -m dropkit.experiments.uci.cli --data DIR --output OUT``
   (``main(argv)`` and ``build_parser()`` live there, imported on demand).
 """
