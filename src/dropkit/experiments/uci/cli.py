@@ -13,7 +13,8 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,81 +179,98 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     if concrete_config is not None:
-        return _run_concrete(args, concrete_config, datasets, chosen)
+        return _run_all(args, _concrete_method(args.output / "concrete", concrete_config), datasets, chosen)
     if not config.is_protocol():
         print("note: settings differ from the published protocol; results are labelled so", file=sys.stderr)
-    all_results: dict[str, list[dict[str, Any]]] = {}
-    for dataset in datasets:
-        settings = {
+    return _run_all(args, _protocol_method(args.output, config), datasets, chosen)
+
+
+@dataclass(frozen=True)
+class _Method:
+    """What differs between the protocol and a variant beyond it: where its files go, the
+    settings a resume must match, how it runs splits, writes its tables and reports a data set."""
+
+    output: Path
+    label: str
+    settings: Callable[[UCIDataset], dict[str, Any]]
+    header: dict[str, Any]
+    run_splits: Callable[[UCIDataset, list[Split], protocol.Progress], list[dict[str, Any]]]
+    write_reports: Callable[[Path, dict[str, list[dict[str, Any]]], dict[str, Any]], None]
+    summary: Callable[[list[dict[str, Any]]], str]
+
+
+def _protocol_method(output: Path, config: protocol.ProtocolConfig) -> _Method:
+    def summary(results: list[dict[str, Any]]) -> str:
+        s = report.summarize(results)
+        return f"RMSE {s['rmse']:.3f} ± {s['rmse_se']:.3f}  LL {s['ll']:.3f} ± {s['ll_se']:.3f}"
+
+    return _Method(
+        output=output,
+        label="",
+        settings=lambda dataset: {
             "config": config.to_dict(),
             "protocol": config.is_protocol(),
             "dropout_rates": list(dataset.dropout_rates),
             "taus": list(config.taus(dataset)),
             "n_hidden": dataset.n_hidden,
             "splits_source": dataset.splits_source,
-        }
-        try:
-            done = report.load_split_results(args.output, dataset.name, settings) if args.resume else {}
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        pending = [s for s in chosen[dataset.name] if s.index not in done]
-        if done:
-            print(f"{dataset.name}: resuming, {len(done)} split(s) already done", file=sys.stderr)
-        batch = args.split_batch or len(pending) or 1
-        start = time.perf_counter()
-        for first in range(0, len(pending), batch):
-            group = pending[first : first + batch]
-            label = f"{dataset.name} splits {group[0].index}-{group[-1].index}"
-            with _bars(not args.no_progress, label) as bar:
-                results = protocol.run_splits(dataset, group, config, progress=bar)
-            for result in results:
-                report.write_split_result(args.output, result, settings)
-                done[result["split"]] = result
-        wanted = {s.index for s in chosen[dataset.name]}
-        all_results[dataset.name] = [done[i] for i in sorted(done) if i in wanted]
-        report.write_reports(
-            args.output,
-            all_results,
-            {
-                "config": config.to_dict(),
-                "protocol": config.is_protocol(),
-                "dropkit_version": dropkit.__version__,
-            },
-        )
-        if all_results[dataset.name]:
-            s = report.summarize(all_results[dataset.name])
-            print(
-                f"{dataset.name}: RMSE {s['rmse']:.3f} ± {s['rmse_se']:.3f}  "
-                f"LL {s['ll']:.3f} ± {s['ll_se']:.3f}  "
-                f"({s['n_splits']} splits, {time.perf_counter() - start:.0f} s this run)"
-            )
-    return 0
+        },
+        header={
+            "config": config.to_dict(),
+            "protocol": config.is_protocol(),
+            "dropkit_version": dropkit.__version__,
+        },
+        run_splits=lambda dataset, group, bar: protocol.run_splits(dataset, group, config, progress=bar),
+        write_reports=report.write_reports,
+        summary=summary,
+    )
 
 
-def _run_concrete(
-    args: argparse.Namespace,
-    config: concrete.ConcreteConfig,
-    datasets: Sequence[UCIDataset],
-    chosen: dict[str, list[Split]],
-) -> int:
-    """The concrete-dropout variant (beyond the protocol), with its own files in OUTPUT/concrete."""
-    output = args.output / "concrete"
+def _concrete_method(output: Path, config: concrete.ConcreteConfig) -> _Method:
     print(f"beyond the protocol: concrete dropout, results in {output}", file=sys.stderr)
     if not config.is_full_recipe():
         print("note: shortened or modified settings; results are labelled so", file=sys.stderr)
-    all_results: dict[str, list[dict[str, Any]]] = {}
-    for dataset in datasets:
-        settings = {
+
+    def summary(results: list[dict[str, Any]]) -> str:
+        s = concrete.summarize(results)
+        return (
+            f"RMSE {s['rmse']:.3f} ± {s['rmse_se']:.3f}  LL {s['ll']:.3f} ± {s['ll_se']:.3f}  "
+            f"p {s['p_input']:.4f} / {s['p_hidden']:.4f}"
+        )
+
+    return _Method(
+        output=output,
+        label=" concrete",
+        settings=lambda dataset: {
             "method": "concrete_dropout",
             "config": config.to_dict(),
             "full_recipe": config.is_full_recipe(),
             "taus": list(config.taus(dataset)),
             "n_hidden": dataset.n_hidden,
             "splits_source": dataset.splits_source,
-        }
+        },
+        header={
+            "method": "concrete_dropout",
+            "config": config.to_dict(),
+            "full_recipe": config.is_full_recipe(),
+            "dropkit_version": dropkit.__version__,
+        },
+        run_splits=lambda dataset, group, bar: concrete.run_splits(dataset, group, config, progress=bar),
+        write_reports=concrete.write_reports,
+        summary=summary,
+    )
+
+
+def _run_all(
+    args: argparse.Namespace, method: _Method, datasets: Sequence[UCIDataset], chosen: dict[str, list[Split]]
+) -> int:
+    """Run ``method`` on every data set: resume, batches of splits with progress bars, each
+    split's result written atomically, the tables rewritten after each data set."""
+    all_results: dict[str, list[dict[str, Any]]] = {}
+    for dataset in datasets:
+        settings = method.settings(dataset)
         try:
-            done = report.load_split_results(output, dataset.name, settings) if args.resume else {}
+            done = report.load_split_results(method.output, dataset.name, settings) if args.resume else {}
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -263,31 +281,20 @@ def _run_concrete(
         start = time.perf_counter()
         for first in range(0, len(pending), batch):
             group = pending[first : first + batch]
-            label = f"{dataset.name} concrete splits {group[0].index}-{group[-1].index}"
+            label = f"{dataset.name}{method.label} splits {group[0].index}-{group[-1].index}"
             with _bars(not args.no_progress, label) as bar:
-                results = concrete.run_splits(dataset, group, config, progress=bar)
+                results = method.run_splits(dataset, group, bar)
             for result in results:
-                report.write_split_result(output, result, settings)
+                report.write_split_result(method.output, result, settings)
                 done[result["split"]] = result
         wanted = {s.index for s in chosen[dataset.name]}
         all_results[dataset.name] = [done[i] for i in sorted(done) if i in wanted]
-        concrete.write_reports(
-            output,
-            all_results,
-            {
-                "method": "concrete_dropout",
-                "config": config.to_dict(),
-                "full_recipe": config.is_full_recipe(),
-                "dropkit_version": dropkit.__version__,
-            },
-        )
+        method.write_reports(method.output, all_results, method.header)
         if all_results[dataset.name]:
-            s = concrete.summarize(all_results[dataset.name])
-            print(
-                f"{dataset.name} (concrete): RMSE {s['rmse']:.3f} ± {s['rmse_se']:.3f}  "
-                f"LL {s['ll']:.3f} ± {s['ll_se']:.3f}  p {s['p_input']:.4f} / {s['p_hidden']:.4f}  "
-                f"({s['n_splits']} splits, {time.perf_counter() - start:.0f} s this run)"
-            )
+            name = dataset.name + (f" ({method.label.strip()})" if method.label else "")
+            line = method.summary(all_results[dataset.name])
+            count, seconds = len(all_results[dataset.name]), time.perf_counter() - start
+            print(f"{name}: {line}  ({count} splits, {seconds:.0f} s this run)")
     return 0
 
 
