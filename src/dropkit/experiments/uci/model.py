@@ -28,7 +28,8 @@ What makes a model's run reproducible on its own is its :class:`ModelSpec`:
 
 Two implementations run this recipe: the numba kernels of :mod:`dropkit.experiments.uci.fused`
 (the default when numba is installed: one task per network, nothing of size ``G x B x H`` in
-memory; about 2x faster training and 7x faster MC prediction than the torch path at Wine's size)
+memory; at Wine's size 1.3-1.9x faster training and 7-9x faster MC prediction than the torch
+path on 1-2 threads, ``benchmarks/bench_uci.py``)
 and the torch path below (stacked tensors, ``baddbmm``).  They draw the same masks and agree to
 float32 rounding; only the order of the float32 sums differs.
 
