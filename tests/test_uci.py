@@ -256,6 +256,44 @@ def test_fused_kernels_ignore_the_thread_count() -> None:
     assert torch.equal(results[0][1], results[1][1])
 
 
+@needs_numba
+def test_fused_kernels_run_serially_in_a_forked_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A forked child of the process that started numba's pool must not launch it (GNU OpenMP
+    # aborts); the serial build of the same source gives the same bits.
+    from dropkit.kernels import cpu
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(1, 20, 3, generator=g), torch.randn(1, 20, generator=g)
+    specs = [ModelSpec(0, 0.3, 1e-3, k, 0, 0, k) for k in range(3)]
+
+    def run() -> tuple[list[torch.Tensor], torch.Tensor]:
+        model = train_models(specs, x, y, n_hidden=5, epochs=2, seed=1, batch_size=8, fused=True)
+        blocks: list[torch.Tensor] = []
+        predict_blocks(model, specs, x, samples=4, seed=1, block=4, consume=blocks.append, fused=True)
+        return model.parameters(), blocks[0]
+
+    parallel = run()
+    monkeypatch.setattr(cpu, "_pool_pid", -1)  # as if the pool belonged to a parent process
+    launched: list[object] = []
+    monkeypatch.setattr(cpu, "_launch_lock", _RecordingLock(launched))
+    serial = run()
+    assert not launched  # the parallel kernels were not launched
+    for a, b in zip(parallel[0], serial[0], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(parallel[1], serial[1])
+
+
+class _RecordingLock:
+    def __init__(self, entered: list[object]) -> None:
+        self.entered = entered
+
+    def __enter__(self) -> None:
+        self.entered.append(self)
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def test_fused_argument_is_checked() -> None:
     spec = ModelSpec(0, 0.1, 0.0, 0, 0, 0, 0)
     with pytest.raises(TypeError, match="fused must be a bool or None, got str"):

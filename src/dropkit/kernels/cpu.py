@@ -672,7 +672,6 @@ def _launch(
 ) -> torch.Tensor:
     # Kept lean: in a training step this runs with caches cold from the matmuls around it,
     # where every Python-level operation costs several times its warm price.
-    global _pool_pid
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float32, float64, bfloat16 or float16, got dtype {x.dtype}")
     if x.device.type != "cpu" or key.device.type != "cpu":
@@ -719,17 +718,31 @@ def _launch(
         (key if key.is_contiguous() else key.contiguous()).numpy(),
         *recipe.scalars,
     )
-    if not recipe.parallel or _pool_pid not in (None, os.getpid()):
+    if not recipe.parallel or not run_parallel(_launch_parallel, args, threads):
         _launch_serial(*args)
-        return y
-    # One launch at a time: numba's workqueue layer (used when neither TBB nor OpenMP is
-    # available) aborts on concurrent launches, and two launches would only share the cores.
+    return y
+
+
+def run_parallel(kernel: Any, args: tuple[Any, ...], threads: int | None = None) -> bool:
+    """Run the ``parallel=True`` numba ``kernel(*args)`` on ``threads`` threads (default: PyTorch's
+    intra-op setting, capped by numba's pool), as every dropkit CPU kernel runs.
+
+    One launch at a time: numba's workqueue layer (used when neither TBB nor OpenMP is available)
+    aborts on concurrent launches, and two launches would only share the cores.  PyTorch's thread
+    count is restored afterwards (:func:`keep_torch_threads`).  Returns ``False`` without running
+    anything in a forked child of the process that started numba's pool, where GNU OpenMP would
+    abort: the caller runs a serial form of the kernel instead.
+    """
+    global _pool_pid
+    if _pool_pid not in (None, os.getpid()):
+        return False
+    threads = _threads() if threads is None else threads
     with _launch_lock, keep_torch_threads():
         if numba.get_num_threads() != threads:
             numba.set_num_threads(threads)
         _pool_pid = os.getpid()
-        _launch_parallel(*args)
-    return y
+        kernel(*args)
+    return True
 
 
 def masked_affine(

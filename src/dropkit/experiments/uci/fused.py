@@ -27,20 +27,27 @@ import numba
 import numpy as np
 from numba import prange
 
-from dropkit.kernels.cpu import _philox_words, _threads, keep_torch_threads
+from dropkit.kernels.cpu import _philox_words, run_parallel
 
-__all__ = ["follow_torch_threads", "keep_torch_threads", "predict_block", "train_step"]
+__all__ = ["launch", "predict_block", "train_step"]
 
 _ELEMENTS_PER_COUNTER = 8
 # Reassociation lets the dot products and gradient sums vectorize; no NaN/inf assumptions.
 _FAST = {"reassoc", "contract", "nsz"}
+_SERIAL: dict[str, Any] = {}
 
 
-def follow_torch_threads() -> None:
-    """Run the kernels on PyTorch's intra-op thread count (capped by numba's pool), like every
-    dropkit CPU kernel; the results do not depend on it."""
-    with keep_torch_threads():  # the first call starts numba's pool, which may reset torch's count
-        numba.set_num_threads(_threads())
+def launch(kernel: Any, *args: Any) -> None:
+    """Run :func:`train_step` or :func:`predict_block` as dropkit's CPU kernels run (PyTorch's
+    thread count, one launch at a time, :func:`dropkit.kernels.cpu.run_parallel`); in a forked
+    child of the process that started numba's pool, a serial build of the same source (compiled
+    on first use there, not cached).  The results do not depend on the thread count."""
+    if run_parallel(kernel, args):
+        return
+    serial = _SERIAL.get(kernel.__name__)
+    if serial is None:
+        serial = _SERIAL[kernel.__name__] = numba.njit(nogil=True, fastmath=_FAST)(kernel.py_func)
+    serial(*args)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

@@ -49,6 +49,7 @@ import torch
 
 import dropkit
 from dropkit.engine.masks import drop_threshold
+from dropkit.engine.ops import inverted_scale
 from dropkit.functional import dropout
 
 __all__ = [
@@ -242,8 +243,8 @@ class _MaskArrays:
         self.streams = np.array([4 * s.mask_stream for s in specs], dtype=np.int64)
         self.slots = np.array([s.slot for s in specs], dtype=np.int64)
         self.thresholds = np.array([drop_threshold(s.p) for s in specs], dtype=np.int64)
-        # The engine multiplies kept values by 1 / (1 - p) rounded once to float32.
-        self.scales = np.array([1.0 / (1.0 - s.p) for s in specs], dtype=np.float32)
+        # The engine multiplies kept values by its inverted scale rounded once to float32.
+        self.scales = np.array([inverted_scale(s.p) for s in specs], dtype=np.float32)
         self.data_index = np.array([s.data_index for s in specs], dtype=np.int64)
 
 
@@ -376,7 +377,6 @@ def _train_fused(
 
     count, n, n_in = len(specs), x.shape[1], x.shape[2]
     n_hidden = model.w1.shape[2]
-    kernels.follow_torch_threads()
     masks = _MaskArrays(specs)
     xn, yn = x.contiguous().numpy(), y.contiguous().numpy()
     w1 = model.w1.numpy()
@@ -395,12 +395,12 @@ def _train_fused(
         for start in range(0, n, batch_size):
             batch = np.ascontiguousarray(perms[:, start : start + batch_size])
             lr_t = lr * math.sqrt(1.0 - beta2 ** (step + 1)) / (1.0 - beta1 ** (step + 1))
-            with kernels.keep_torch_threads():
-                kernels.train_step(
-                    xn, yn, batch, group, masks.data_index, w1, b1, w2, b2, m_state, v_state, decay,
-                    seed, masks.streams, masks.slots, masks.thresholds, masks.scales, step,
-                    lr_t, beta1, beta2, _ADAM_EPS,
-                )  # fmt: skip
+            kernels.launch(
+                kernels.train_step,
+                xn, yn, batch, group, masks.data_index, w1, b1, w2, b2, m_state, v_state, decay,
+                seed, masks.streams, masks.slots, masks.thresholds, masks.scales, step,
+                lr_t, beta1, beta2, _ADAM_EPS,
+            )  # fmt: skip
             step += 1
         if on_epoch is not None:
             on_epoch(epoch + 1)
@@ -435,7 +435,6 @@ def predict_blocks(
     if _use_fused(fused):
         from dropkit.experiments.uci import fused as kernels
 
-        kernels.follow_torch_threads()
         masks = _MaskArrays(specs)
         xn = x.float().contiguous().numpy()
         weights = (
@@ -447,11 +446,11 @@ def predict_blocks(
         for b, start in enumerate(range(0, samples, block)):
             t = min(block, samples - start)
             passes = np.empty((count, t, n), dtype=np.float32)
-            with kernels.keep_torch_threads():
-                kernels.predict_block(
-                    xn, masks.data_index, *weights, seed, masks.streams, masks.slots,
-                    masks.thresholds, masks.scales, b, t, passes,
-                )  # fmt: skip
+            kernels.launch(
+                kernels.predict_block,
+                xn, masks.data_index, *weights, seed, masks.streams, masks.slots,
+                masks.thresholds, masks.scales, b, t, passes,
+            )  # fmt: skip
             consume(torch.from_numpy(passes))
         return
     plan = MaskPlan(specs, seed)
