@@ -87,6 +87,7 @@ import torch.nn.functional as torch_F
 import dropkit
 from dropkit.experiments.uci import report
 from dropkit.experiments.uci.data import Split, UCIDataset, train_validation
+from dropkit.experiments.uci.model import ShuffleGroups, glorot_kernels
 from dropkit.experiments.uci.protocol import (
     LENGTHSCALE,
     Progress,
@@ -274,19 +275,13 @@ def init_networks(
     the same ``init_seed``."""
     if not 0.0 < init_p < 1.0:
         raise ValueError(f"init_p must be in (0, 1), got {init_p!r}")
-    a1 = math.sqrt(6.0 / (n_in + n_hidden))
-    a2 = math.sqrt(6.0 / (n_hidden + 1))
-    w1, w2 = [], []
-    for spec in specs:
-        g = torch.Generator().manual_seed(spec.init_seed)
-        w1.append((torch.rand(n_in, n_hidden, generator=g, dtype=torch.float64) * 2 - 1) * a1)
-        w2.append((torch.rand(n_hidden, 1, generator=g, dtype=torch.float64) * 2 - 1) * a2)
+    w1, w2 = glorot_kernels([s.init_seed for s in specs], n_in, n_hidden)
     count = len(specs)
     logit = math.log(init_p) - math.log1p(-init_p)
     return ConcreteMLP(
-        torch.stack(w1).float(),
+        w1,
         torch.zeros(count, 1, n_hidden),
-        torch.stack(w2).float(),
+        w2,
         torch.zeros(count, 1, 1),
         torch.full((count, 1, 1), logit),
         torch.full((count, 1, 1), logit),
@@ -416,22 +411,15 @@ def train_networks(
     wr = torch.tensor([s.weight_regularizer for s in specs], dtype=torch.float32)
     dr = torch.tensor([s.dropout_regularizer for s in specs], dtype=torch.float32)
 
-    shuffle_seeds = sorted({s.shuffle_seed for s in specs})
-    group_data: dict[int, int] = {}
-    for s in specs:
-        if group_data.setdefault(s.shuffle_seed, s.data_index) != s.data_index:
-            raise ValueError(f"networks with shuffle_seed {s.shuffle_seed} must share data_index")
-    generators = [torch.Generator().manual_seed(k) for k in shuffle_seeds]
-    group_of = torch.tensor([shuffle_seeds.index(s.shuffle_seed) for s in specs], dtype=torch.long)
-    data_of_group = torch.tensor([group_data[k] for k in shuffle_seeds], dtype=torch.long)
-    xg, yg = x[data_of_group], y[data_of_group]
-    rows = torch.arange(len(shuffle_seeds)).unsqueeze(1)
+    order = ShuffleGroups.of(specs, "networks")
+    xg, yg = x[order.data_of_group], y[order.data_of_group]
+    rows = torch.arange(len(order.generators)).unsqueeze(1)
     step = 0
     for epoch in range(epochs):
-        perms = torch.stack([torch.randperm(n, generator=g) for g in generators])
+        perms = order.permutations(n)
         for start in range(0, n, batch_size):
             idx = perms[:, start : start + batch_size]
-            xb, yb = xg[rows, idx][group_of], yg[rows, idx][group_of]
+            xb, yb = xg[rows, idx][order.group_of], yg[rows, idx][order.group_of]
             keys = (dropkit.make_key(seed, 4 * stream, step), dropkit.make_key(seed, 4 * stream + 1, step))
             out = forward(model, xb, keys, temperature=temperature, slots=slots)
             loss = objective(model, out, yb, wr, dr).sum()

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,7 +57,9 @@ __all__ = [
     "BatchedMLP",
     "MaskPlan",
     "ModelSpec",
+    "ShuffleGroups",
     "fused_available",
+    "glorot_kernels",
     "init_models",
     "predict_blocks",
     "train_models",
@@ -117,22 +120,59 @@ class BatchedMLP:
         return BatchedMLP(*(t.detach()[idx].clone() for t in self.parameters()))
 
 
-def init_models(specs: Sequence[ModelSpec], n_in: int, n_hidden: int) -> BatchedMLP:
-    """Glorot-uniform kernels (``U(±sqrt(6 / (fan_in + fan_out)))``) and zero biases, per spec."""
+def glorot_kernels(init_seeds: Sequence[int], n_in: int, n_hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Glorot-uniform kernels (``U(±sqrt(6 / (fan_in + fan_out)))``, Keras' default) per seed:
+    ``W1: (G, in, H)`` then ``W2: (G, H, 1)`` from one ``torch.Generator`` seeded with each seed."""
     w1, w2 = [], []
     a1 = math.sqrt(6.0 / (n_in + n_hidden))
     a2 = math.sqrt(6.0 / (n_hidden + 1))
-    for spec in specs:
-        g = torch.Generator().manual_seed(spec.init_seed)
+    for init_seed in init_seeds:
+        g = torch.Generator().manual_seed(init_seed)
         w1.append((torch.rand(n_in, n_hidden, generator=g, dtype=torch.float64) * 2 - 1) * a1)
         w2.append((torch.rand(n_hidden, 1, generator=g, dtype=torch.float64) * 2 - 1) * a2)
+    return torch.stack(w1).float(), torch.stack(w2).float()
+
+
+def init_models(specs: Sequence[ModelSpec], n_in: int, n_hidden: int) -> BatchedMLP:
+    """:func:`glorot_kernels` of each spec's ``init_seed`` and zero biases."""
+    w1, w2 = glorot_kernels([s.init_seed for s in specs], n_in, n_hidden)
     count = len(specs)
-    return BatchedMLP(
-        torch.stack(w1).float(),
-        torch.zeros(count, 1, n_hidden),
-        torch.stack(w2).float(),
-        torch.zeros(count, 1, 1),
-    )
+    return BatchedMLP(w1, torch.zeros(count, 1, n_hidden), w2, torch.zeros(count, 1, 1))
+
+
+class ShuffleGroups(NamedTuple):
+    """Mini-batch order (Keras ``fit(shuffle=True)``): networks with the same ``shuffle_seed`` form
+    one group that sees the same batches; each epoch, group ``u`` takes the next
+    ``torch.randperm(N)`` of its own generator, seeded once with the group's seed.
+
+    Attributes:
+        generators: one per group, groups in increasing ``shuffle_seed`` order.
+        group_of: the group of each network, ``(G,)``.
+        data_of_group: the stacked data set each group trains on, ``(U,)``.
+    """
+
+    generators: list[torch.Generator]
+    group_of: torch.Tensor
+    data_of_group: torch.Tensor
+
+    @classmethod
+    def of(cls, specs: Sequence[Any], kind: str = "models") -> ShuffleGroups:
+        """The groups of ``specs`` (anything with ``shuffle_seed`` and ``data_index``); ValueError
+        when a group mixes data sets (``kind`` names the specs in the message)."""
+        shuffle_seeds = sorted({s.shuffle_seed for s in specs})
+        group_data: dict[int, int] = {}
+        for s in specs:
+            if group_data.setdefault(s.shuffle_seed, s.data_index) != s.data_index:
+                raise ValueError(f"{kind} with shuffle_seed {s.shuffle_seed} must share data_index")
+        return cls(
+            [torch.Generator().manual_seed(k) for k in shuffle_seeds],
+            torch.tensor([shuffle_seeds.index(s.shuffle_seed) for s in specs], dtype=torch.long),
+            torch.tensor([group_data[k] for k in shuffle_seeds], dtype=torch.long),
+        )
+
+    def permutations(self, n: int) -> torch.Tensor:
+        """The next epoch's row order of every group, ``(U, n)``."""
+        return torch.stack([torch.randperm(n, generator=g) for g in self.generators])
 
 
 class MaskPlan:
@@ -292,21 +332,13 @@ def train_models(
     lam = torch.tensor([s.weight_decay for s in specs], dtype=torch.float32)
     plan = MaskPlan(specs, seed)
 
-    shuffle_seeds = sorted({s.shuffle_seed for s in specs})
-    group_data: dict[int, int] = {}
-    for s in specs:
-        if group_data.setdefault(s.shuffle_seed, s.data_index) != s.data_index:
-            raise ValueError(f"models with shuffle_seed {s.shuffle_seed} must share data_index")
-    generators = [torch.Generator().manual_seed(k) for k in shuffle_seeds]
-    group_of_model = torch.tensor([shuffle_seeds.index(s.shuffle_seed) for s in specs], dtype=torch.long)
-    data_of_group = torch.tensor([group_data[k] for k in shuffle_seeds], dtype=torch.long)
+    order = ShuffleGroups.of(specs)
     if use_fused:
-        _train_fused(
-            specs, model, x, y, generators, group_of_model, lam, epochs, seed, batch_size, lr, on_epoch
-        )
+        _train_fused(specs, model, x, y, order, lam, epochs, seed, batch_size, lr, on_epoch)
         return model
-    xg, yg = x[data_of_group], y[data_of_group]  # (U, N, in), (U, N)
-    groups = len(shuffle_seeds)
+    group_of_model = order.group_of
+    xg, yg = x[order.data_of_group], y[order.data_of_group]  # (U, N, in), (U, N)
+    groups = len(order.generators)
     # Fast path: models laid out as (outer, group, inner), so a batch broadcasts without a gather.
     inner = int((group_of_model == group_of_model[0]).int().cumprod(0).sum())
     outer = count // (groups * inner)
@@ -319,7 +351,7 @@ def train_models(
     step = 0
     rows = torch.arange(groups).unsqueeze(1)
     for epoch in range(epochs):
-        perms = torch.stack([torch.randperm(n, generator=g) for g in generators])  # (U, N)
+        perms = order.permutations(n)  # (U, N)
         for start in range(0, n, batch_size):
             idx = perms[:, start : start + batch_size]
             xb, yb = xg[rows, idx], yg[rows, idx]
@@ -363,8 +395,7 @@ def _train_fused(
     model: BatchedMLP,
     x: torch.Tensor,
     y: torch.Tensor,
-    generators: list[torch.Generator],
-    group_of_model: torch.Tensor,
+    order: ShuffleGroups,
     lam: torch.Tensor,
     epochs: int,
     seed: int,
@@ -387,11 +418,11 @@ def _train_fused(
     m_state = np.zeros((count, n_params), dtype=np.float32)
     v_state = np.zeros((count, n_params), dtype=np.float32)
     decay = (2.0 * lam).numpy()
-    group = group_of_model.numpy()
+    group = order.group_of.numpy()
     beta1, beta2 = _ADAM_BETAS
     step = 0
     for epoch in range(epochs):
-        perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).numpy()  # (U, N)
+        perms = order.permutations(n).numpy()  # (U, N)
         for start in range(0, n, batch_size):
             batch = np.ascontiguousarray(perms[:, start : start + batch_size])
             lr_t = lr * math.sqrt(1.0 - beta2 ** (step + 1)) / (1.0 - beta1 ** (step + 1))
