@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dropkit.experiments.uci.model import ModelSpec, fused_available, predict_blocks, train_models
+from dropkit.experiments.uci.model import BatchedMLP, ModelSpec, fused_available, predict_blocks, train_models
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATES = (0.005, 0.01, 0.05, 0.1)
@@ -84,13 +84,13 @@ def main() -> None:
     x_eval = torch.randn(args.splits, args.eval_points, args.inputs, generator=g)
     steps = args.epochs * math.ceil(args.train_rows / 128)
 
-    def train(fused: bool) -> object:
+    def train(fused: bool) -> BatchedMLP:
         return train_models(specs, x, y, n_hidden=args.hidden, epochs=args.epochs, seed=0, fused=fused)
 
-    def predict(fused: bool, model: object) -> list[torch.Tensor]:
+    def predict(fused: bool, model: BatchedMLP) -> list[torch.Tensor]:
         blocks: list[torch.Tensor] = []
         predict_blocks(
-            model,  # type: ignore[arg-type]
+            model,
             specs,
             x_eval,
             samples=args.block,
@@ -103,7 +103,7 @@ def main() -> None:
 
     # Agreement first: the same masks, float32 sums in another order.
     models = {fused: train(fused) for fused in (True, False)}
-    for a, b in zip(models[True].parameters(), models[False].parameters(), strict=True):  # type: ignore[attr-defined]
+    for a, b in zip(models[True].parameters(), models[False].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     same_model = models[False]
     torch.testing.assert_close(
