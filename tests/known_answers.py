@@ -112,7 +112,9 @@ def _functional_cases() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
     cases["embedding_dropout"] = lambda: _with_grad(
         lambda t: F.embedding_dropout(ids, t, 0.3, padding_idx=0, seed=SEED), emb
     )
-    cases["embedding_dropout[per_token]"] = lambda: (F.embedding_dropout(ids, emb, 0.3, per_token=True, seed=SEED),)
+    cases["embedding_dropout[per_token]"] = lambda: (
+        F.embedding_dropout(ids, emb, 0.3, per_token=True, seed=SEED),
+    )
     cases["word_dropout"] = lambda: (F.word_dropout(ids, 0.4, unk_idx=1, num_embeddings=10, seed=SEED),)
     prev, new = _input(5, 7, offset=13), _input(5, 7, offset=14)
     cases["zoneout"] = lambda: _with_grad(lambda t: F.zoneout(prev, t, 0.3, seed=SEED), new)
@@ -165,8 +167,12 @@ def _module_cases() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
         "nn.DropConnect[per_example]": lambda: _steps(
             lambda: dropkit.nn.DropConnect(nn.Linear(12, 7), 0.4, per_example=True), x2
         ),
-        "nn.EmbeddingDropout": lambda: _steps(lambda: dropkit.nn.EmbeddingDropout(nn.Embedding(5, 12), 0.4), ids),
-        "nn.ZoneoutCell": lambda: _steps(lambda: dropkit.nn.ZoneoutCell(nn.LSTMCell(12, 12), 0.3, 0.2), x2[:3], h),
+        "nn.EmbeddingDropout": lambda: _steps(
+            lambda: dropkit.nn.EmbeddingDropout(nn.Embedding(5, 12), 0.4), ids
+        ),
+        "nn.ZoneoutCell": lambda: _steps(
+            lambda: dropkit.nn.ZoneoutCell(nn.LSTMCell(12, 12), 0.3, 0.2), x2[:3], h
+        ),
         "nn.ConcreteDropout": lambda: _steps(lambda: dropkit.nn.ConcreteDropout(nn.Linear(12, 7)), x2),
         "nn.VariationalLinear": lambda: _steps(lambda: dropkit.nn.VariationalLinear(12, 7), x2),
         "nn.SparseVariationalLinear": lambda: _steps(lambda: dropkit.nn.SparseVariationalLinear(12, 7), x2),
