@@ -153,7 +153,7 @@ def _module_cases() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
         "nn.AlphaDropout": lambda: _steps(lambda: dropkit.nn.AlphaDropout(0.3), x2),
         "nn.GaussianDropout": lambda: _steps(lambda: dropkit.nn.GaussianDropout(0.3), x2),
         "nn.GaussianNoise": lambda: _steps(lambda: dropkit.nn.GaussianNoise(0.5), x2),
-        "nn.DropBlock2d": lambda: _steps(lambda: dropkit.nn.DropBlock2d(0.2, 3), x4),
+        "nn.DropBlock2d": lambda: _steps(lambda: dropkit.nn.DropBlock2d(0.2, block_size=3), x4),
         "nn.DropPath": lambda: _steps(lambda: dropkit.nn.DropPath(0.3), x4),
         "nn.StochasticDepth": lambda: _steps(
             lambda: dropkit.nn.StochasticDepth(nn.Linear(12, 12), 0.5), x2, steps=4
