@@ -228,8 +228,8 @@ def saved_bytes_per_element(numel: int, compiled: Callable | None) -> dict[str, 
         "dropkit_dropout": measure(lambda: dropkit.functional.dropout(x, P, seed=1)),
         "torch_eager_dropout": measure(lambda: F.dropout(x, P, True)),
         "dropkit_bias_dropout_add": measure(
-            lambda: dropkit.functional.bias_dropout_add(
-                x.view(-1, 1024), bias, residual.view(-1, 1024), P, seed=1
+            lambda: dropkit.functional.residual_dropout(
+                x.view(-1, 1024), residual.view(-1, 1024), P, bias=bias, seed=1
             )
         ),
         "torch_eager_bias_dropout_add": measure(
@@ -249,7 +249,10 @@ def fused_row(dtype: torch.dtype, numel: int, threads: int, repeats: int) -> dic
     residual = torch.randn(numel // 1024, 1024).to(dtype)
     figures = interleaved_medians_ms(
         {
-            "fused": (lambda: dropkit.functional.bias_dropout_add(x, bias, residual, P, seed=7), repeats),
+            "fused": (
+                lambda: dropkit.functional.residual_dropout(x, residual, P, bias=bias, seed=7),
+                repeats,
+            ),
             "unfused": (lambda: residual + F.dropout(x + bias, P, True), max(3, repeats // 3)),
             "floor": (lambda: residual + x, repeats),
         }

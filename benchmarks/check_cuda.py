@@ -93,16 +93,16 @@ def layer_cases() -> list[
         g = torch.Generator().manual_seed(5)
         return [torch.randn(37, 129, generator=g).to(dtype), torch.randn(37, 129, generator=g).to(dtype)]
 
-    class BiasDropoutAddModel(nn.Module):
+    class FusedResidualDropoutModel(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.bias = nn.Parameter(torch.linspace(-0.5, 0.5, 129))
-            self.fused = dropkit.nn.BiasDropoutAdd(0.3)
+            self.fused = dropkit.nn.ResidualDropout(0.3)
 
         def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-            return self.fused(x, self.bias.to(x.dtype), residual)
+            return self.fused(x, residual, bias=self.bias.to(x.dtype))
 
-    cases.append(("BiasDropoutAdd", "bernoulli", BiasDropoutAddModel, fused_inputs))
+    cases.append(("ResidualDropout[bias]", "bernoulli", FusedResidualDropoutModel, fused_inputs))
     return cases
 
 

@@ -15,7 +15,6 @@ import dropkit
 from dropkit.functional.attention import residual_dropout, scaled_dot_product_attention
 from dropkit.nn._base import _RandomLayer
 from dropkit.nn.attention import AttentionDropout, ResidualDropout, ScaledDotProductAttention
-from dropkit.nn.fused import BiasDropoutAdd
 from tests.conftest import binomial_tolerance
 
 F64 = torch.float64
@@ -339,7 +338,7 @@ def test_sdpa_module_survives_copies() -> None:
 def test_residual_dropout_with_bias_is_the_fused_op() -> None:
     x, residual, bias = torch.randn(4, 6, 16), torch.randn(4, 6, 16), torch.randn(16)
     out = ResidualDropout(0.3)(x, residual, bias, seed=8)
-    assert torch.equal(out, BiasDropoutAdd(0.3)(x, bias, residual, seed=8))
+    assert torch.equal(out, residual_dropout(x, residual, 0.3, bias=bias, seed=8))
     dropped = out - residual
     kept = dropkit.functional.dropout(torch.ones_like(x), 0.3, seed=8) != 0
     torch.testing.assert_close(dropped[kept], ((x + bias) / 0.7)[kept], rtol=1e-5, atol=1e-5)
@@ -382,6 +381,40 @@ def test_residual_dropout_gradcheck_float64() -> None:
         lambda x, r, b: residual_dropout(x, r, 0.4, bias=b, seed=6), (x, residual, bias)
     )
     assert torch.autograd.gradcheck(lambda x, r: residual_dropout(x, r, 0.4, seed=6), (x, residual))
+
+
+class _ResidualBlock(torch.nn.Module):
+    def __init__(self, deprecated_order: bool) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4, bias=False)
+        self.bias = torch.nn.Parameter(torch.randn(4))
+        self.deprecated_order = deprecated_order
+        if deprecated_order:
+            with pytest.warns(DeprecationWarning, match="BiasDropoutAdd"):
+                self.residual_drop: ResidualDropout = dropkit.nn.BiasDropoutAdd(0.5)
+        else:
+            self.residual_drop = ResidualDropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deprecated_order:  # (input, bias, residual)
+            output: torch.Tensor = self.residual_drop(self.linear(x), self.bias, x)
+        else:
+            output = self.residual_drop(self.linear(x), x, self.bias)
+        return output
+
+
+@pytest.mark.parametrize("deprecated_order", [False, True])
+def test_residual_dropout_under_mc_predict_splits_the_residual_like_the_input(deprecated_order: bool) -> None:
+    # Batched MC sampling stacks the samples along dim 0: the residual is split with the input.
+    block = _ResidualBlock(deprecated_order).eval()
+    x = torch.randn(3, 4)
+    samples = dropkit.mc_predict(block, x, 6, seed=0)
+    one_at_a_time = dropkit.mc_predict(block, x, 6, seed=0, chunk_size=1)
+    assert isinstance(samples, torch.Tensor)
+    assert isinstance(one_at_a_time, torch.Tensor)
+    assert samples.shape == (6, 3, 4)
+    assert torch.equal(samples, one_at_a_time)
+    assert not torch.equal(samples[0], samples[1])
 
 
 def test_residual_dropout_bad_input() -> None:

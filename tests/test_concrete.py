@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -174,8 +175,8 @@ def test_module_training_draws_fresh_noise_and_channel_form() -> None:
 
     conv = ConcreteDropout(nn.Conv2d(4, 2, 1, bias=False), init_p=0.5, temperature=1.0)
     with torch.no_grad():
-        conv.layer.weight.zero_()
-        conv.layer.weight[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # output 0 = input channel 0
+        conv.module.weight.zero_()
+        conv.module.weight[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # output 0 = input channel 0
     x = torch.ones(8, 4, 5, 5)
     scale = conv(x, seed=2)[:, 0]
     assert bool((scale == scale[:, :1, :1]).all())  # one uniform per (sample, channel)
@@ -227,6 +228,21 @@ def test_concrete_regularizers() -> None:
         concrete_regularizers(1.0, 0)
     with pytest.raises(TypeError, match="num_train"):
         concrete_regularizers(1.0, 10.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision"):
+        concrete_regularizers(1.0, 10, precision=0.0)
+    with pytest.raises(ValueError, match="y_std"):
+        concrete_regularizers(1.0, 10, y_std=math.nan)
+
+
+def test_concrete_regularizers_in_mse_units() -> None:
+    # tau_s = precision * y_std**2 divides both weights; the defaults (tau_s = 1) are Gal's.
+    length_scale, n, tau, y_std = 0.1, 50, 0.4, 3.0
+    tau_s = tau * y_std**2
+    got = concrete_regularizers(length_scale, n, precision=tau, y_std=y_std)
+    assert got == (length_scale**2 / (tau_s * n), 2.0 / (tau_s * n))  # exactly this arithmetic
+    assert concrete_regularizers(length_scale, n, precision=1.0, y_std=1.0) == concrete_regularizers(
+        length_scale, n
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +254,8 @@ def _train(m: ConcreteDropout, data_weight: float, steps: int = 40) -> float:
     torch.manual_seed(0)
     x = torch.randn(64, 4)
     with torch.no_grad():
-        target = m.layer(x)
-    m.layer.requires_grad_(False)
+        target = m.module(x)
+    m.module.requires_grad_(False)
     opt = torch.optim.Adam([m.p_logit], lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
@@ -304,9 +320,9 @@ def test_bad_init_p(init_p: float) -> None:
 
 
 def test_bad_layer_and_regularizers() -> None:
-    with pytest.raises(TypeError, match=r"layer.*ReLU"):
+    with pytest.raises(TypeError, match=r"module must be.*ReLU"):
         ConcreteDropout(nn.ReLU())
-    with pytest.raises(TypeError, match=r"layer.*LazyLinear"):
+    with pytest.raises(TypeError, match=r"module must be.*LazyLinear"):
         ConcreteDropout(nn.LazyLinear(3))
     with pytest.raises(ValueError, match="weight_regularizer"):
         ConcreteDropout(nn.Linear(2, 2), weight_regularizer=-1.0)
@@ -320,4 +336,29 @@ def test_extra_repr_and_state_dict() -> None:
     m = ConcreteDropout(nn.Linear(2, 2), init_p=0.25)
     assert "p=0.25" in repr(m)
     assert "temperature=0.1" in repr(m)
-    assert set(m.state_dict()) == {"p_logit", "layer.weight", "layer.bias"}
+    assert set(m.state_dict()) == {"p_logit", "module.weight", "module.bias"}
+
+
+def test_state_dict_saved_under_the_former_layer_prefix_loads() -> None:
+    # Checkpoints written before the wrapped layer was renamed `layer` -> `module`, nested too.
+    source = nn.Sequential(ConcreteDropout(nn.Linear(3, 2), init_p=0.3))
+    old = {key.replace(".module.", ".layer."): value for key, value in source.state_dict().items()}
+    assert set(old) == {"0.p_logit", "0.layer.weight", "0.layer.bias"}
+    target = nn.Sequential(ConcreteDropout(nn.Linear(3, 2)))
+    target.load_state_dict(old)  # strict: no missing or unexpected keys
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value)
+
+
+def test_module_pickled_whole_under_the_former_layer_name_loads() -> None:
+    m = ConcreteDropout(nn.Linear(3, 2))
+    m._modules = {"layer": m.module}  # what such a pickle holds: no `module`, no load hook
+    m._load_state_dict_pre_hooks.clear()
+    old = pickle.loads(pickle.dumps(m))
+    assert list(old._modules) == ["module"]
+    x = torch.randn(4, 3)
+    assert torch.equal(old.eval()(x), old.module(x))
+    old.load_state_dict(
+        {"p_logit": old.p_logit.detach(), "layer.weight": torch.ones(2, 3), "layer.bias": torch.zeros(2)}
+    )
+    assert torch.equal(old.module.weight, torch.ones(2, 3))

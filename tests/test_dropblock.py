@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dropkit
-from dropkit.engine.masks import realised_drop_probability
+from dropkit.engine.numerics import realised_drop_probability
 from dropkit.functional.dropblock import (
     block_geometry,
     block_keep_mask,
@@ -113,7 +113,7 @@ def test_exact_rate_realises_p(
     tolerance = SIGMAS * math.prod(blocks) * math.sqrt(n_seeds * realised * (1.0 - realised)) / n_units
     assert tolerance < p / 5
     assert abs(dropped - p) <= tolerance + quantisation, (dropped, p, tolerance)
-    module = MODULES[rank](p, block_size, exact_rate=True)
+    module = MODULES[rank](p, block_size=block_size, exact_rate=True)
     assert "exact_rate=True" in repr(module)
     assert torch.equal(
         module(x, seed=11), FUNCTIONALS[rank](x, p, block_size=block_size, exact_rate=True, seed=11)
@@ -227,7 +227,7 @@ def test_eval_and_zero_rate_are_the_identity() -> None:
     assert drop_block2d(x, 0.0) is x
     empty = torch.ones(0, 3, 8, 8)
     assert drop_block2d(empty, 0.3) is empty
-    m = DropBlock2d(0.3, 3).eval()
+    m = DropBlock2d(0.3, block_size=3).eval()
     assert m(x) is x
     assert torch.equal(m.rng_step, torch.zeros(1, dtype=torch.int64)), "eval draws nothing"
 
@@ -243,12 +243,12 @@ def test_same_seed_same_mask_and_module_matches_functional() -> None:
     assert torch.equal(m(x, generator=g1), drop_block2d(x, 0.2, block_size=3, generator=g2))
     assert not torch.equal(m(x), m(x)), "successive forwards draw new masks"
     dropkit.manual_seed(3)
-    first = DropBlock2d(0.2, 3)(x)
+    first = DropBlock2d(0.2, block_size=3)(x)
     dropkit.manual_seed(3)
-    assert torch.equal(DropBlock2d(0.2, 3)(x), first)
+    assert torch.equal(DropBlock2d(0.2, block_size=3)(x), first)
     for rank, shape in ((1, (2, 3, 20)), (3, (2, 3, 5, 6, 7))):
         x = torch.randn(shape)
-        y = MODULES[rank](0.2, 3, shared_channels=True)(x, seed=1)
+        y = MODULES[rank](0.2, block_size=3, shared_channels=True)(x, seed=1)
         ref = drop_block(x, 0.2, block_size=3, spatial_rank=rank, shared_channels=True, seed=1)
         assert torch.equal(y, ref)
 
@@ -294,9 +294,10 @@ def test_half_precision_and_inplace() -> None:
 
 
 def test_extra_repr() -> None:
-    assert repr(DropBlock2d()) == "DropBlock2d(p=0.1, block_size=7, inplace=False)"
-    assert repr(DropBlock1d(0.2, 3, channels_last=True, shared_channels=True, per_sample_renorm=True)) == (
-        "DropBlock1d(p=0.2, block_size=3, inplace=False, channels_last=True, shared_channels=True, "
+    assert repr(DropBlock2d()) == "DropBlock2d(p=0.1, inplace=False, block_size=7)"
+    m = DropBlock1d(0.2, block_size=3, channels_last=True, shared_channels=True, per_sample_renorm=True)
+    assert repr(m) == (
+        "DropBlock1d(p=0.2, inplace=False, block_size=3, channels_last=True, shared_channels=True, "
         "per_sample_renorm=True)"
     )
 
@@ -353,8 +354,10 @@ def test_bad_inputs_and_module_arguments() -> None:
     with pytest.raises(TypeError, match=r"torch\.Tensor"):
         drop_block2d([[1.0]])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
-        DropBlock2d(0.1, 0)
+        DropBlock2d(0.1, block_size=0)
     with pytest.raises(TypeError, match=r"block_size must be an int, got float \(7.5\)"):
+        DropBlock3d(0.1, block_size=7.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"inplace must be a bool, got float \(7.5\)"):
         DropBlock3d(0.1, 7.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 2"):
         DropBlock1d(2)

@@ -13,7 +13,8 @@ import torch._dynamo.testing
 from torch import nn
 
 import dropkit
-from dropkit.engine.masks import keep_mask, realised_drop_probability
+from dropkit.engine.masks import keep_mask
+from dropkit.engine.numerics import realised_drop_probability
 from dropkit.functional.dropconnect import (
     drop_connect_linear_moments,
     drop_connect_weight,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import dropkit
 from dropkit.engine import streams
-from dropkit.engine.masks import realised_drop_probability
+from dropkit.engine.numerics import realised_drop_probability
 from dropkit.functional.droppath import drop_path, stochastic_depth_rates
 from dropkit.nn.droppath import DropPath, LayerDrop, StochasticDepth
 from tests.conftest import binomial_tolerance
@@ -132,7 +133,8 @@ def test_backward_keeps_only_the_key(mode: str) -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = DropPath(0.3, mode=mode)(x)
     y.sum().backward()
-    assert sum(saved) <= 24, f"saved {saved} bytes: only the 3-word key may be kept"
+    # The 3-word key and the module's one-element rate holder: nothing per element.
+    assert sum(saved) <= 24 + 8, f"saved {saved} bytes: only the key and the rate may be kept"
 
 
 @pytest.mark.parametrize(("mode", "batch_dim"), [("row", 0), ("row", 1), ("batch", 0)])
@@ -229,6 +231,35 @@ def test_stochastic_depth_extremes() -> None:
         assert branch.calls == 0
         assert torch.equal(StochasticDepth(branch, 1.0)(x), x)
         assert torch.equal(StochasticDepth(branch, 0.0, mode="batch")(x), x + branch.linear(x))
+
+
+def test_stochastic_depth_defaults_and_state_dict() -> None:
+    sd = StochasticDepth(nn.Linear(4, 4))
+    assert sd.p == DropPath().p == 0.1  # the module pair agrees on the default rate
+    assert set(sd.state_dict()) == {"module.weight", "module.bias"}
+
+
+def test_stochastic_depth_state_dict_saved_under_the_former_block_prefix_loads() -> None:
+    # Checkpoints written before the branch was renamed `block` -> `module`, nested too.
+    source = nn.Sequential(StochasticDepth(nn.Linear(4, 4), 0.2))
+    old = {key.replace(".module.", ".block."): value for key, value in source.state_dict().items()}
+    assert set(old) == {"0.block.weight", "0.block.bias"}
+    target = nn.Sequential(StochasticDepth(nn.Linear(4, 4), 0.2))
+    target.load_state_dict(old)  # strict: no missing or unexpected keys
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value)
+
+
+def test_stochastic_depth_pickled_whole_under_the_former_block_name_loads() -> None:
+    sd = StochasticDepth(nn.Linear(4, 4), 0.2)
+    sd._modules = {"block": sd.module}  # what such a pickle holds: no `module`, no load hook
+    sd._load_state_dict_pre_hooks.clear()
+    old = pickle.loads(pickle.dumps(sd))
+    assert list(old._modules) == ["module"]
+    x = torch.randn(3, 4)
+    assert torch.equal(old.eval()(x), x + old.module(x))
+    old.load_state_dict({"block.weight": torch.ones(4, 4), "block.bias": torch.zeros(4)})
+    assert torch.equal(old.module.weight, torch.ones(4, 4))
 
 
 # --- LayerDrop --------------------------------------------------------------------------------
@@ -356,7 +387,7 @@ def test_module_bad_arguments() -> None:
         DropPath(1.1)
     with pytest.raises(ValueError, match="batch_dim"):
         DropPath(0.1, batch_dim=5)(torch.randn(2, 3))
-    with pytest.raises(TypeError, match="block"):
+    with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module"):
         StochasticDepth(lambda x: x, 0.1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="p must"):
         StochasticDepth(nn.Identity(), 2.0)

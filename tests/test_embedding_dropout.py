@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import dropkit
-from dropkit.engine.masks import keep_mask, realised_drop_probability
+from dropkit.engine.masks import keep_mask
+from dropkit.engine.numerics import realised_drop_probability
 from dropkit.functional.embedding import embedding_dropout, word_dropout
 from dropkit.nn.embedding import EmbeddingDropout
 from tests.conftest import binomial_tolerance
@@ -272,7 +273,7 @@ def test_bad_arguments() -> None:
         EmbeddingDropout(emb, 1.5)
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got -1"):
         embedding_dropout(ids, emb.weight, -1)
-    with pytest.raises(TypeError, match=r"embedding must be an nn\.Embedding, got Linear"):
+    with pytest.raises(TypeError, match=r"module must be an nn\.Embedding, got Linear"):
         EmbeddingDropout(nn.Linear(2, 2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"padding_idx must be in \[-10, 10\).*got 10"):
         embedding_dropout(ids, emb.weight, 0.5, padding_idx=10)

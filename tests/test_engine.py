@@ -10,13 +10,19 @@ import pytest
 import torch
 
 import dropkit
+from dropkit._validation import env_flag
 from dropkit.engine import streams
 from dropkit.engine.masks import (
-    drop_threshold,
     keep_mask,
     mask_chunk_counters,
     normal_noise,
     random_bits16,
+    threshold_keep_mask,
+)
+from dropkit.engine.numerics import (
+    THRESHOLD_SCALE,
+    drop_threshold,
+    drop_threshold_tensor,
     realised_drop_probability,
 )
 from dropkit.engine.philox import philox4x32
@@ -58,7 +64,38 @@ def test_threshold_is_exact_to_2_pow_minus_17() -> None:
     for p in [0.0, 1e-7, 1e-5, 0.1, 1 / 3, 0.5, 0.999, 0.99999, 1.0]:
         assert abs(realised_drop_probability(p) - p) <= 2.0**-17
     assert drop_threshold(0.0) == 0
-    assert drop_threshold(1.0) == 1 << 16
+    assert drop_threshold(1.0) == 1 << 16 == THRESHOLD_SCALE
+
+
+# Rates whose p * 2**16 is a tie (k + 1/2, rounded half to even), just either side of one, the
+# ends and ordinary values: a tensor rate must give the float rate's threshold at all of them.
+_THRESHOLD_RATES = [
+    0.0,
+    0.5 / 2**16,
+    1.5 / 2**16,
+    2.5 / 2**16,
+    (3.5 - 1e-9) / 2**16,
+    1e-5,
+    0.3,
+    1 / 3,
+    0.999,
+    1.0,
+]
+
+
+def test_tensor_rates_give_the_float_threshold_and_mask() -> None:
+    key = dropkit.make_key(41, stream=1, step=2)
+    for p in _THRESHOLD_RATES:
+        threshold = drop_threshold(p)
+        for dtype in (torch.float64, torch.float32):
+            rate = torch.tensor(p, dtype=torch.float64).to(dtype)
+            assert int(drop_threshold_tensor(rate)) == drop_threshold(float(rate)), (p, dtype)
+        rate = torch.tensor([p], dtype=torch.float64)  # one element, any shape
+        expected = threshold_keep_mask(key, threshold, [3, 37])
+        assert torch.equal(keep_mask(key, p, [3, 37]), expected)
+        assert torch.equal(keep_mask(key, rate, [3, 37]), expected)
+        assert torch.equal(expected, random_bits16(key, 3 * 37).reshape(3, 37) >= threshold)
+    assert [drop_threshold(p) for p in _THRESHOLD_RATES[1:5]] == [0, 2, 2, 3]
 
 
 def test_sixteen_bit_draws_are_uniform() -> None:
@@ -206,9 +243,9 @@ def test_share_env_var_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(
         ValueError, match="DROPKIT_SHARE_MASKS_ACROSS_RANKS must be 0/1/true/false, got 'maybe'"
     ):
-        streams._env_flag("DROPKIT_SHARE_MASKS_ACROSS_RANKS")
+        env_flag("DROPKIT_SHARE_MASKS_ACROSS_RANKS")
     monkeypatch.setenv("DROPKIT_SHARE_MASKS_ACROSS_RANKS", "1")
-    assert streams._env_flag("DROPKIT_SHARE_MASKS_ACROSS_RANKS")
+    assert env_flag("DROPKIT_SHARE_MASKS_ACROSS_RANKS")
 
 
 def test_chunk_size_validation() -> None:

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numba
 import numpy as np
@@ -17,13 +18,16 @@ import pytest
 import torch
 
 import dropkit
-from dropkit.engine import ops
+from dropkit import ops
+from dropkit.engine import reference
+from dropkit.engine.numerics import AFFINE_FORMULAS, drop_threshold, inverted_scale
 from dropkit.kernels import cpu, dispatch
 from dropkit.kernels.dispatch import KernelFallbackWarning, backend_for, use_reference_engine
 
 P_VALUES = [0.0, 1.0, 1e-5, 0.5, 0.999]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 KEY = dropkit.make_key(0x1234_5678_9ABC, stream=3, step=5)
+HALF = drop_threshold(0.5)  # the kernels take the rate as its integer drop threshold
 
 
 def _values(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -104,11 +108,11 @@ def test_ops_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> torch.Tensor:
         raise AssertionError("the reference engine ran although a kernel was available")
 
-    monkeypatch.setattr(ops, "masked_affine_reference", refuse)
-    monkeypatch.setattr(ops, "bias_dropout_add_reference", refuse)
+    monkeypatch.setattr(reference, "masked_affine", refuse)
+    monkeypatch.setattr(reference, "bias_dropout_add", refuse)
     x = torch.ones(64)
     dropkit.functional.dropout(x, 0.5, seed=1)
-    dropkit.functional.bias_dropout_add(x, torch.zeros(64), x, 0.5, seed=1)
+    dropkit.functional.residual_dropout(x, x, 0.5, bias=torch.zeros(64), seed=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -117,13 +121,13 @@ def test_masked_affine_bit_identical(layout: str, dtype: torch.dtype, threads: N
     x = LAYOUTS[layout](dtype)
     # Inverted dropout, and an alpha-dropout-like affine (shift and drop value in play).
     for p in P_VALUES:
-        scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
-        expected = ops.masked_affine_reference(x, KEY, p, [], scale, 0.0, 0.0)
-        affine = ops.masked_affine_reference(x, KEY, p, [], 0.9, 0.13, -1.7)
+        threshold, scale = drop_threshold(p), inverted_scale(p)
+        expected = reference.masked_affine(x, KEY, threshold, [], scale, 0.0, 0.0)
+        affine = reference.masked_affine(x, KEY, threshold, [], 0.9, 0.13, -1.7)
         for count in _thread_counts():
             torch.set_num_threads(count)
-            assert_bit_identical(cpu.masked_affine(x, KEY, p, [], scale, 0.0, 0.0), expected)
-            assert_bit_identical(cpu.masked_affine(x, KEY, p, [], 0.9, 0.13, -1.7), affine)
+            assert_bit_identical(cpu.masked_affine(x, KEY, threshold, [], scale, 0.0, 0.0), expected)
+            assert_bit_identical(cpu.masked_affine(x, KEY, threshold, [], 0.9, 0.13, -1.7), affine)
 
 
 BROADCAST_CASES = [
@@ -148,10 +152,11 @@ def test_broadcast_masks_bit_identical(
 ) -> None:
     x = LAYOUTS[layout](dtype)
     for p in [1e-5, 0.5, 0.999]:
-        expected = ops.masked_affine_reference(x, KEY, p, dims, 2.0, 0.0, 0.0)
+        threshold = drop_threshold(p)
+        expected = reference.masked_affine(x, KEY, threshold, dims, 2.0, 0.0, 0.0)
         for count in _thread_counts():
             torch.set_num_threads(count)
-            assert_bit_identical(cpu.masked_affine(x, KEY, p, dims, 2.0, 0.0, 0.0), expected)
+            assert_bit_identical(cpu.masked_affine(x, KEY, threshold, dims, 2.0, 0.0, 0.0), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -159,8 +164,8 @@ def test_every_half_bit_pattern_rounds_like_pytorch(dtype: torch.dtype) -> None:
     # All 65536 inputs through scales that produce normals, subnormals, ties and overflow.
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     for scale, shift in [(1.0, 0.0), (0.3, 0.0), (1.0009765625, 0.0), (3e-5, 0.0), (1 / 3, -0.5), (7e4, 0.0)]:
-        expected = ops.masked_affine_reference(x, KEY, 0.5, [], scale, shift, 0.0)
-        assert_bit_identical(cpu.masked_affine(x, KEY, 0.5, [], scale, shift, 0.0), expected)
+        expected = reference.masked_affine(x, KEY, HALF, [], scale, shift, 0.0)
+        assert_bit_identical(cpu.masked_affine(x, KEY, HALF, [], scale, shift, 0.0), expected)
 
 
 def test_masks_do_not_depend_on_thread_count(threads: None) -> None:
@@ -189,8 +194,8 @@ def test_keys_with_high_bits_and_negative_seeds() -> None:
         dropkit.make_key(-1, stream=2**32 - 1, step=2**32 - 1),
         dropkit.make_key(2**63 + 5, stream=9),
     ]:
-        expected = ops.masked_affine_reference(x, key, 0.5, [], 2.0, 0.0, 0.0)
-        assert_bit_identical(cpu.masked_affine(x, key, 0.5, [], 2.0, 0.0, 0.0), expected)
+        expected = reference.masked_affine(x, key, HALF, [], 2.0, 0.0, 0.0)
+        assert_bit_identical(cpu.masked_affine(x, key, HALF, [], 2.0, 0.0, 0.0), expected)
 
 
 # ---- bias + dropout + residual add ------------------------------------------------------------
@@ -218,17 +223,22 @@ FUSED_CASES: dict[str, Callable[[torch.dtype], tuple[torch.Tensor, torch.Tensor,
 def test_bias_dropout_add_bit_identical(case: str, dtype: torch.dtype, threads: None) -> None:
     x, bias, residual = FUSED_CASES[case](dtype)
     for p in P_VALUES:
-        expected = ops.bias_dropout_add_reference(x, bias, residual, KEY, p)
+        threshold, scale = drop_threshold(p), inverted_scale(p)
+        expected = reference.bias_dropout_add(x, bias, residual, KEY, threshold, scale)
         for count in _thread_counts():
             torch.set_num_threads(count)
+            assert_bit_identical(cpu.bias_dropout_add(x, bias, residual, KEY, threshold, scale), expected)
+            # The op (rate as a float or a tensor) dispatches to the kernel: the same bits.
             assert_bit_identical(ops.bias_dropout_add(x, bias, residual, KEY, p), expected)
+            rate = torch.tensor(p, dtype=torch.float64)
+            assert_bit_identical(ops.bias_dropout_add(x, bias, residual, KEY, rate), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bias_dropout_add_matches_the_unfused_composition(dtype: torch.dtype) -> None:
     x, bias, residual = (torch.randn(8, 40, 24, dtype=dtype) for _ in range(3))
     bias = bias[0, 0]
-    fused = dropkit.functional.bias_dropout_add(x, bias, residual, 0.3, seed=KEY)
+    fused = dropkit.functional.residual_dropout(x, residual, 0.3, bias=bias, seed=KEY)
     unfused = residual + dropkit.functional.dropout(x + bias, 0.3, seed=KEY)
     if dtype in (torch.float32, torch.float64):
         assert torch.equal(fused, unfused)  # no intermediate rounding to skip: the same bits
@@ -241,7 +251,7 @@ def test_bias_dropout_add_gradients_use_the_forward_mask() -> None:
     x = torch.randn(16, 32, requires_grad=True)
     bias = torch.randn(32, requires_grad=True)
     residual = torch.randn(16, 32, requires_grad=True)
-    y = dropkit.functional.bias_dropout_add(x, bias, residual, 0.25, seed=KEY)
+    y = dropkit.functional.residual_dropout(x, residual, 0.25, bias=bias, seed=KEY)
     grad = torch.randn(16, 32)
     y.backward(grad)
     keep = dropkit.functional.dropout(torch.ones(16, 32), 0.25, seed=KEY) != 0
@@ -254,7 +264,9 @@ def test_bias_dropout_add_gradients_use_the_forward_mask() -> None:
     assert torch.equal(residual.grad, grad)
     # Only the bias needs a gradient: the masked gradient is still formed, and summed.
     (grad_bias,) = torch.autograd.grad(
-        dropkit.functional.bias_dropout_add(x.detach(), bias, residual.detach(), 0.25, seed=KEY), bias, grad
+        dropkit.functional.residual_dropout(x.detach(), residual.detach(), 0.25, bias=bias, seed=KEY),
+        bias,
+        grad,
     )
     torch.testing.assert_close(grad_bias, expected_x.sum(0))
 
@@ -271,10 +283,10 @@ def test_gradcheck_through_the_fast_path() -> None:
     assert torch.autograd.gradcheck(lambda x: functional.alpha_dropout(x, 0.2, seed=5), (x,))
     assert torch.autograd.gradcheck(lambda x: functional.dropout2d(x, 0.5, seed=5), (image,))
     assert torch.autograd.gradcheck(
-        lambda x, b, r: functional.bias_dropout_add(x, b, r, 0.3, seed=5), (x, bias, residual)
+        lambda x, b, r: functional.residual_dropout(x, r, 0.3, bias=b, seed=5), (x, bias, residual)
     )
     assert torch.autograd.gradgradcheck(
-        lambda x, b, r: functional.bias_dropout_add(x, b, r, 0.3, seed=5), (x, bias, residual)
+        lambda x, b, r: functional.residual_dropout(x, r, 0.3, bias=b, seed=5), (x, bias, residual)
     )
 
 
@@ -297,41 +309,96 @@ def test_backward_keeps_only_the_key() -> None:
     key_bytes = 3 * 8
     assert _saved_bytes(lambda: dropkit.functional.dropout(x, 0.5, seed=1)) == key_bytes
     assert (
-        _saved_bytes(lambda: dropkit.functional.bias_dropout_add(x, bias, residual, 0.5, seed=1)) == key_bytes
+        _saved_bytes(lambda: dropkit.functional.residual_dropout(x, residual, 0.5, bias=bias, seed=1))
+        == key_bytes
     )
+    # A tensor rate is kept too: one element, still nothing per element.
+    rate = torch.tensor(0.5, dtype=torch.float64)
+    assert _saved_bytes(lambda: dropkit.functional.dropout(x, rate, seed=1)) == key_bytes + 8
+    assert _saved_bytes(lambda: ops.bias_dropout_add(x, bias, residual, KEY, rate)) == key_bytes + 8
+
+
+RATE_OPS = ["masked_affine", "gaussian_dropout", "gaussian_noise", "bias_dropout_add"]
+
+
+@pytest.mark.parametrize("name", RATE_OPS)
+def test_custom_op_takes_the_rate_as_a_tensor(name: str) -> None:
+    # A rate that compiled code reads at run time is a tensor input of the op, never a float
+    # baked into the graph.
+    schema = getattr(torch.ops.dropkit, name).default._schema
+    (rate,) = (argument for argument in schema.arguments if argument.name == "rate")
+    assert str(rate.type) == "Tensor"
 
 
 def test_custom_op_registration() -> None:
-    x, bias, residual = torch.randn(4, 8), torch.randn(8), torch.randn(4, 8)
-    torch.library.opcheck(ops.bias_dropout_add_op, (x, bias, residual, KEY, 0.5))
-    torch.library.opcheck(ops.masked_affine_op, (x, KEY, 0.5, [], 2.0, 0.0, 0.0))
+    x = torch.randn(4, 8, requires_grad=True)
+    bias, residual = torch.randn(8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    rate = torch.tensor(0.4, dtype=torch.float64)
+    dropkit_ops = torch.ops.dropkit
+    for formula in AFFINE_FORMULAS:
+        torch.library.opcheck(dropkit_ops.masked_affine.default, (x, KEY, rate, [], formula, "p"))
+    torch.library.opcheck(dropkit_ops.masked_affine.default, (x, KEY, rate, [1], "inverted", "p"))
+    torch.library.opcheck(dropkit_ops.gaussian_dropout.default, (x, KEY, rate, [], "p"))
+    torch.library.opcheck(dropkit_ops.gaussian_dropout.default, (x, KEY, rate, [0], "p"))
+    torch.library.opcheck(dropkit_ops.gaussian_noise.default, (x, KEY, rate, [], "std"))
+    torch.library.opcheck(dropkit_ops.bias_dropout_add.default, (x, bias, residual, KEY, rate))
+
+
+_Arguments = Callable[[float | torch.Tensor], tuple[Any, ...]]  # an op's arguments at a rate
 
 
 def test_eager_fast_path_equals_the_custom_ops_forward_and_backward() -> None:
-    # The eager autograd.Function must be indistinguishable from the registered op.
+    # The eager autograd.Function must be indistinguishable from the registered op, whether it
+    # is given the rate as a float or as a tensor (the op always takes a float64 tensor).
     x = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
     residual = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(6, 10, dtype=torch.float64)
-    cases = [
-        (ops.masked_affine, ops.masked_affine_op, (x, KEY, 0.4, [1], 1.5, 0.25, -1.0)),
-        (ops.bias_dropout_add, ops.bias_dropout_add_op, (x, bias, residual, KEY, 0.4)),
+    dropkit_ops = torch.ops.dropkit
+    cases: list[tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor], _Arguments]] = [
+        # alpha: a shift and a drop value in play, and a gradient formula of its own.
+        (ops.masked_affine, dropkit_ops.masked_affine.default, lambda r: (x, KEY, r, [1], "alpha", "p")),
+        (ops.masked_affine, dropkit_ops.masked_affine.default, lambda r: (x, KEY, r, [], "inverted", "p")),
+        (ops.gaussian_dropout, dropkit_ops.gaussian_dropout.default, lambda r: (x, KEY, r, [0], "p")),
+        (ops.gaussian_noise, dropkit_ops.gaussian_noise.default, lambda r: (x, KEY, r, [], "std")),
+        (ops.bias_dropout_add, dropkit_ops.bias_dropout_add.default, lambda r: (x, bias, residual, KEY, r)),
     ]
-    for fast, op, args in cases:
+    rate = torch.tensor(0.4, dtype=torch.float64)
+    for fast, op, arguments in cases:
         assert ops._eager_fast_path(x)
         results = []
-        for fn in (fast, op):
+        for fn, args in ((fast, arguments(0.4)), (fast, arguments(rate)), (op, arguments(rate))):
             out = fn(*args)
             leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
             results.append((out, torch.autograd.grad(out, leaves, grad)))
-        (out_fast, grads_fast), (out_op, grads_op) = results
-        assert out_fast.grad_fn is not None
-        assert "dropkit" not in type(out_fast.grad_fn).__name__
+        (out_op, grads_op) = results[-1]
         assert "dropkit" in type(out_op.grad_fn).__name__
-        assert torch.equal(out_fast, out_op)
-        for a, b in zip(grads_fast, grads_op, strict=True):
-            assert torch.equal(a, b)
-        assert torch.autograd.gradcheck(fast, args)
+        for out_fast, grads_fast in results[:-1]:
+            assert out_fast.grad_fn is not None
+            assert "dropkit" not in type(out_fast.grad_fn).__name__
+            assert torch.equal(out_fast, out_op)
+            for a, b in zip(grads_fast, grads_op, strict=True):
+                assert torch.equal(a, b)
+        assert torch.autograd.gradcheck(fast, arguments(0.4))
+        assert torch.autograd.gradcheck(fast, arguments(rate))
+
+
+def test_a_rate_schedule_does_not_grow_the_recipe_cache() -> None:
+    # The threshold and the constants are run-time kernel arguments, not part of the cached
+    # layout recipe: 50 rates on one shape add at most one recipe (the first call's), and every
+    # output is still the reference engine's, bit for bit.
+    assert backend_for("cpu") == dispatch.NUMBA
+    x = _values((37, 129), torch.float32)
+    before = set(cpu._recipes)
+    rates = [i / 51 for i in range(1, 51)]
+    assert len({drop_threshold(p) for p in rates}) == len(rates)
+    for i, p in enumerate(rates):
+        for rate in (p, torch.tensor(p, dtype=torch.float64)):
+            fast = dropkit.functional.dropout(x, rate, seed=100 + i)
+            with use_reference_engine():
+                expected = dropkit.functional.dropout(x, rate, seed=100 + i)
+            assert_bit_identical(fast, expected)
+    assert len(set(cpu._recipes) - before) <= 1
 
 
 # ---- API of the fused op -------------------------------------------------------------------------
@@ -340,9 +407,10 @@ def test_eager_fast_path_equals_the_custom_ops_forward_and_backward() -> None:
 def test_bias_dropout_add_eval_and_p_zero_add_without_a_mask() -> None:
     x, bias, residual = torch.randn(3, 5), torch.randn(5), torch.randn(3, 5)
     expected = residual + (x + bias)
-    assert torch.equal(dropkit.functional.bias_dropout_add(x, bias, residual, 0.5, training=False), expected)
-    assert torch.equal(dropkit.functional.bias_dropout_add(x, bias, residual, 0.0), expected)
-    p_one = dropkit.functional.bias_dropout_add(x, bias, residual, 1.0, seed=1)
+    residual_dropout = dropkit.functional.residual_dropout
+    assert torch.equal(residual_dropout(x, residual, 0.5, training=False, bias=bias), expected)
+    assert torch.equal(residual_dropout(x, residual, 0.0, bias=bias), expected)
+    p_one = residual_dropout(x, residual, 1.0, bias=bias, seed=1)
     assert torch.equal(p_one, residual)
 
 
@@ -368,21 +436,21 @@ def test_bias_dropout_add_rejects_bad_arguments(kwargs: dict[str, object], error
     }
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
-        dropkit.functional.bias_dropout_add(**arguments)  # type: ignore[arg-type]
+        dropkit.functional.residual_dropout(**arguments)  # type: ignore[arg-type]
 
 
 def test_bias_dropout_add_module() -> None:
-    m = dropkit.nn.BiasDropoutAdd(p=0.4)
-    assert repr(m) == "BiasDropoutAdd(p=0.4)"
+    m = dropkit.nn.ResidualDropout(p=0.4)
+    assert repr(m) == "ResidualDropout(p=0.4)"
     x, bias, residual = torch.randn(8, 64), torch.randn(64), torch.randn(8, 64)
-    first, second = m(x, bias, residual), m(x, bias, residual)
+    first, second = m(x, residual, bias), m(x, residual, bias)
     assert not torch.equal(first, second)  # the step advances: fresh masks
-    fixed = m(x, bias, residual, seed=9)
-    assert torch.equal(fixed, dropkit.functional.bias_dropout_add(x, bias, residual, 0.4, seed=9))
+    fixed = m(x, residual, bias, seed=9)
+    assert torch.equal(fixed, dropkit.functional.residual_dropout(x, residual, 0.4, bias=bias, seed=9))
     m.eval()
-    assert torch.equal(m(x, bias, residual), residual + (x + bias))
+    assert torch.equal(m(x, residual, bias), residual + (x + bias))
     with pytest.raises(ValueError, match="p must be in"):
-        dropkit.nn.BiasDropoutAdd(p=-0.1)
+        dropkit.nn.ResidualDropout(p=-0.1)
 
 
 # ---- dispatch: forcing and fallback ----------------------------------------------------------
@@ -417,7 +485,7 @@ def test_broken_kernel_warns_once_and_falls_back(
     monkeypatch: pytest.MonkeyPatch, fresh_backends: None
 ) -> None:
     x = torch.randn(50, 20)
-    expected = ops.masked_affine_reference(x, KEY, 0.5, [], 2.0, 0.0, 0.0)
+    expected = reference.masked_affine(x, KEY, HALF, [], 2.0, 0.0, 0.0)
     assert backend_for("cpu") == dispatch.NUMBA  # loaded and self-checked
 
     def broken(*args: object) -> torch.Tensor:
@@ -427,8 +495,8 @@ def test_broken_kernel_warns_once_and_falls_back(
 
     def several_calls() -> None:
         for _ in range(3):
-            assert_bit_identical(ops.masked_affine(x, KEY, 0.5, [], 2.0, 0.0, 0.0), expected)
-        dropkit.functional.bias_dropout_add(x, torch.zeros(20), x, 0.5, seed=KEY)
+            assert_bit_identical(ops.masked_affine(x, KEY, 0.5, []), expected)
+        dropkit.functional.residual_dropout(x, x, 0.5, bias=torch.zeros(20), seed=KEY)
 
     with pytest.warns(KernelFallbackWarning) as record:
         several_calls()
@@ -443,7 +511,7 @@ def test_missing_backend_warns_once(monkeypatch: pytest.MonkeyPatch, fresh_backe
         outputs = [dropkit.functional.dropout(x, 0.5, seed=2) for _ in range(3)]
     _expect_one_fallback_warning(record.list, "ModuleNotFoundError")
     assert backend_for("cpu") == dispatch.REFERENCE
-    expected = ops.masked_affine_reference(x, dropkit.make_key(2), 0.5, [], 2.0, 0.0, 0.0)
+    expected = reference.masked_affine(x, dropkit.make_key(2), HALF, [], 2.0, 0.0, 0.0)
     for output in outputs:
         assert torch.equal(output, expected)
 
@@ -461,7 +529,7 @@ def test_kernel_failing_its_self_check_is_not_used(
 def test_a_bad_key_does_not_switch_the_backend_off() -> None:
     x = torch.ones(16)
     with pytest.raises((RuntimeError, IndexError, ValueError)):
-        ops.masked_affine(x, torch.tensor([1, 2], dtype=torch.int64), 0.5, [], 2.0, 0.0, 0.0)
+        ops.masked_affine(x, torch.tensor([1, 2], dtype=torch.int64), 0.5, [])
     assert backend_for("cpu") == dispatch.NUMBA
 
 
@@ -484,14 +552,14 @@ def test_forked_child_runs_kernels_serially(threads: None) -> None:
     # example a DataLoader worker); the kernels must notice and run serially there.
     torch.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     x = torch.randn(200_000)
-    expected = ops.masked_affine_reference(x, KEY, 0.5, [], 2.0, 0.0, 0.0).numpy()
-    cpu.masked_affine(x, KEY, 0.5, [], 2.0, 0.0, 0.0)  # the parent starts the thread pool
+    expected = reference.masked_affine(x, KEY, HALF, [], 2.0, 0.0, 0.0).numpy()
+    cpu.masked_affine(x, KEY, HALF, [], 2.0, 0.0, 0.0)  # the parent starts the thread pool
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 on fork with threads
         pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
         faulthandler.dump_traceback_later(30, exit=True)
-        same = np.array_equal(cpu.masked_affine(x, KEY, 0.5, [], 2.0, 0.0, 0.0).numpy(), expected)
+        same = np.array_equal(cpu.masked_affine(x, KEY, HALF, [], 2.0, 0.0, 0.0).numpy(), expected)
         os._exit(0 if same else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

@@ -34,8 +34,9 @@ import pytest
 import torch
 
 import dropkit
-from dropkit.engine.masks import keep_mask
-from dropkit.engine.ops import compute_dtype, masked_affine_reference
+from dropkit.engine import reference
+from dropkit.engine.masks import threshold_keep_mask
+from dropkit.engine.numerics import compute_dtype, drop_threshold, inverted_scale
 from dropkit.engine.philox import MASK32, philox4x32
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -86,6 +87,8 @@ def _key(seed: int, stream: int, step: int) -> torch.Tensor:
 # A negative seed, a stream in the top half of 32 bits and a step past 2**32 (only its low word
 # enters Philox): the corners where signed int64 and unsigned 32-bit words part ways.
 KEYS = [_key(0x0123456789ABCDEF, 7, 3), _key(-0x5EED, 0xFFFFFFF0, (1 << 32) + 11)]
+# The kernels take the rate as its integer drop threshold (dropkit.engine.numerics).
+HALF = drop_threshold(0.5)
 
 
 def _triton_gpu() -> Any:
@@ -104,7 +107,7 @@ def _data(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Te
 
 
 def _affine_params(p: float) -> list[tuple[float, float, float]]:
-    inverted = (1.0 / (1.0 - p) if p < 1.0 else 0.0, 0.0, 0.0)
+    inverted = (inverted_scale(p), 0.0, 0.0)
     # Constants that are not float32-representable, as alpha dropout's are: they must be rounded
     # once to the compute dtype, like the reference does.
     alpha = (1.0507009873554805 * 0.77, 0.1234567891, -1.7580993408473766)
@@ -144,9 +147,9 @@ def _check_masked_affine(
     tg = _triton_gpu()
     params = _affine_params(p)
     for scale, shift, drop in params if all_affine else params[1:2]:
-        args = (x, key, p, broadcast_dims, scale, shift, drop)
+        args = (x, key, drop_threshold(p), broadcast_dims, scale, shift, drop)
         label = f"{what} p={p} bd={broadcast_dims} affine=({scale}, {shift}, {drop})"
-        assert_bits_equal(tg.masked_affine(*args), masked_affine_reference(*args), label)
+        assert_bits_equal(tg.masked_affine(*args), reference.masked_affine(*args), label)
 
 
 def bias_dropout_add_reference(
@@ -154,12 +157,12 @@ def bias_dropout_add_reference(
     bias: torch.Tensor,
     residual: torch.Tensor,
     key: torch.Tensor,
-    p: float,
+    threshold: int,
     keep_scale: float,
 ) -> torch.Tensor:
     """The composition the fused kernel replaces, one eager op (one rounding) at a time."""
     compute = compute_dtype(x.dtype)
-    keep = keep_mask(key, p, x.shape)
+    keep = threshold_keep_mask(key, threshold, x.shape)
     scale = torch.tensor(keep_scale, dtype=compute)
     kept = (x.to(compute) + bias.to(compute)) * scale
     values = residual.to(compute) + torch.where(keep, kept, torch.zeros((), dtype=compute))
@@ -310,19 +313,19 @@ def _backward() -> None:
         cases = [((5, 3, 7), [], KEYS[1]), ((2, 3, 5, 7), [2, 3], KEYS[0]), ((9, 13), [0], KEYS[1])]
         for shape, dims, key in cases:
             for p in (0.0, 0.5, 0.999):
-                scale, shift, drop = 1.0 / (1.0 - p), 0.25, -1.5
+                threshold, scale, shift, drop = drop_threshold(p), inverted_scale(p), 0.25, -1.5
                 x = _data(shape, dtype).requires_grad_(True)
                 grad = _data(shape, dtype, seed=2)
-                masked_affine_reference(x, key, p, dims, scale, shift, drop).backward(grad)
+                reference.masked_affine(x, key, threshold, dims, scale, shift, drop).backward(grad)
                 assert x.grad is not None
-                ours = tg.masked_affine(grad, key, p, dims, scale, 0.0, 0.0)
+                ours = tg.masked_affine(grad, key, threshold, dims, scale, 0.0, 0.0)
                 assert_bits_equal(ours, x.grad, f"backward {dtype} {shape} bd={dims} p={p}")
         # Gradients arrive non-contiguous too (e.g. through a transpose).
         grad_t = _data((7, 5), dtype, seed=3).t()
         x = _data((5, 7), dtype).requires_grad_(True)
-        masked_affine_reference(x, KEYS[0], 0.5, [], 2.0, 0.0, 0.0).backward(grad_t)
+        reference.masked_affine(x, KEYS[0], HALF, [], 2.0, 0.0, 0.0).backward(grad_t)
         assert x.grad is not None
-        ours = tg.masked_affine(grad_t, KEYS[0], 0.5, [], 2.0, 0.0, 0.0)
+        ours = tg.masked_affine(grad_t, KEYS[0], HALF, [], 2.0, 0.0, 0.0)
         assert_bits_equal(ours.contiguous(), x.grad.contiguous(), f"backward {dtype} transposed grad")
 
 
@@ -335,11 +338,14 @@ def _bias_dropout_add() -> None:
             bias = _data(shape[-1:], dtype, seed=4)
             residual = _data(shape, dtype, seed=5)
             for p in PS:
-                scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+                threshold, scale = drop_threshold(p), inverted_scale(p)
                 for key in KEYS if p == 0.5 else KEYS[:1]:
-                    args = (x, bias, residual, key, p, scale)
+                    args = (x, bias, residual, key, threshold, scale)
                     what = f"bias_dropout_add {dtype} {shape} p={p}"
-                    assert_bits_equal(tg.bias_dropout_add(*args), bias_dropout_add_reference(*args), what)
+                    expected = bias_dropout_add_reference(*args)
+                    assert_bits_equal(tg.bias_dropout_add(*args), expected, what)
+                    # The reference backend (what the dispatcher falls back to) agrees.
+                    assert_bits_equal(reference.bias_dropout_add(*args), expected, f"{what} reference")
         # Non-contiguous x and residual; many programs (mask-free and masked), int64 columns.
         x = _data((33, 12), dtype).t()
         residual = _data((12, 66), dtype, seed=5)[:, ::2]
@@ -347,8 +353,8 @@ def _bias_dropout_add() -> None:
         for overrides in ({"block_counters": 4}, {"block_counters": 2, "force_wide_index": True}):
             with tg.launch_overrides(**overrides):
                 for args in (
-                    (x, bias, residual, KEYS[0], 0.5, 2.0),
-                    (residual, bias, x, KEYS[1], 0.3, 1 / 0.7),
+                    (x, bias, residual, KEYS[0], HALF, 2.0),
+                    (residual, bias, x, KEYS[1], drop_threshold(0.3), inverted_scale(0.3)),
                 ):
                     expected = bias_dropout_add_reference(*args)
                     assert_bits_equal(tg.bias_dropout_add(*args), expected, f"{dtype} strided {overrides}")
@@ -364,11 +370,18 @@ def _bias_dropout_add_mixed() -> None:
         bias = _data((40,), bias_dtype, seed=4)
         for residual_shape in ((6, 40), (40,), (6, 1), ()):
             residual = _data(residual_shape, residual_dtype, seed=5)
-            args = (x, bias, residual, KEYS[1], 0.5, 2.0)
+            args = (x, bias, residual, KEYS[1], HALF, 2.0)
             what = f"bias {bias_dtype} residual {residual_dtype} {residual_shape}"
             assert_bits_equal(tg.bias_dropout_add(*args), bias_dropout_add_reference(*args), what)
     x64 = _data((3, 40), torch.float64)
-    args = (x64, _data((40,), torch.bfloat16), _data((3, 40), torch.float32), KEYS[0], 0.25, 4 / 3)
+    args = (
+        x64,
+        _data((40,), torch.bfloat16),
+        _data((3, 40), torch.float32),
+        KEYS[0],
+        drop_threshold(0.25),
+        4 / 3,
+    )
     assert_bits_equal(tg.bias_dropout_add(*args), bias_dropout_add_reference(*args), "float64 x")
 
 
@@ -377,15 +390,15 @@ def _input_validation() -> None:
     tg = _triton_gpu()
     x = torch.ones(8)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
-        tg.masked_affine(torch.ones(8, dtype=torch.int32), KEYS[0], 0.5, [], 2.0, 0.0, 0.0)
+        tg.masked_affine(torch.ones(8, dtype=torch.int32), KEYS[0], HALF, [], 2.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="int64 tensor"):
-        tg.masked_affine(x, KEYS[0].to(torch.int32), 0.5, [], 2.0, 0.0, 0.0)
+        tg.masked_affine(x, KEYS[0].to(torch.int32), HALF, [], 2.0, 0.0, 0.0)
     with pytest.raises(ValueError, match=r"shape \(x.shape\[-1\],\)"):
-        tg.bias_dropout_add(torch.ones(4, 8), torch.ones(4), torch.ones(4, 8), KEYS[0], 0.5, 2.0)
+        tg.bias_dropout_add(torch.ones(4, 8), torch.ones(4), torch.ones(4, 8), KEYS[0], HALF, 2.0)
     with pytest.raises(ValueError, match="does not broadcast"):
-        tg.bias_dropout_add(torch.ones(4, 8), torch.ones(8), torch.ones(3, 8), KEYS[0], 0.5, 2.0)
+        tg.bias_dropout_add(torch.ones(4, 8), torch.ones(8), torch.ones(3, 8), KEYS[0], HALF, 2.0)
     with pytest.raises(TypeError, match="bias must be float16"):
-        tg.bias_dropout_add(x, x.int(), x, KEYS[0], 0.5, 2.0)
+        tg.bias_dropout_add(x, x.int(), x, KEYS[0], HALF, 2.0)
     with pytest.raises(ValueError, match="power of two"), tg.launch_overrides(block_counters=3):
         pass
 

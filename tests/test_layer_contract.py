@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dropkit
-from dropkit.engine.ops import compute_dtype
+from dropkit.engine.numerics import compute_dtype
 from tests.conftest import binomial_tolerance
 from tests.layer_specs import ALL_SPECS, BERNOULLI_SPECS, GAUSSIAN_SPECS, LayerSpec, affine, ids
 

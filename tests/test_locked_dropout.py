@@ -10,7 +10,8 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import dropkit
-from dropkit.engine.masks import keep_mask, realised_drop_probability
+from dropkit.engine.masks import keep_mask
+from dropkit.engine.numerics import realised_drop_probability
 from dropkit.functional.locked import locked_dropout
 from dropkit.nn.locked import LockedDropout
 from tests.conftest import binomial_tolerance

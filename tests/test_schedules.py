@@ -21,7 +21,6 @@ from torch import nn
 
 import dropkit
 from dropkit import schedules as S
-from dropkit.functional.dropout import TENSOR_RATE_VARIANTS
 from dropkit.schedules.lightning import rate_schedule_callback_class
 
 # --- schedules: exact values at known steps -------------------------------------------------
@@ -487,30 +486,6 @@ def test_dropkit_p_property_validates_and_keeps_checkpoints_compatible() -> None
     assert m.p == 0.5
     assert list(nn.Sequential(m).state_dict()) == list(nn.Sequential(nn.Dropout()).state_dict()) == []
     assert repr(m) == "Dropout(p=0.5, inplace=False)"
-
-
-def test_tensor_rate_variants_equal_the_float_functionals_and_validate() -> None:
-    x = torch.randn(4, 6, 5, 3)
-    functionals = dropkit.functional
-    with pytest.raises(TypeError, match="p must be a float, got Tensor"):
-        functionals.dropout(x, torch.tensor(0.5))  # the public functionals still take floats only
-    for functional, kwargs in [
-        (functionals.dropout, {"inverted": False}),
-        (functionals.dropout2d, {"channels_last": True}),
-    ]:
-        variant = TENSOR_RATE_VARIANTS[functional]
-        for p in (0.0, 0.3, 1.0):
-            for training in (True, False):
-                expected = functional(x, p, training, seed=5, **kwargs)
-                got = variant(x, torch.tensor(p, dtype=torch.float32), training, seed=5, **kwargs)
-                assert torch.equal(got, expected)
-    variant = TENSOR_RATE_VARIANTS[functionals.dropout]
-    with pytest.raises(ValueError, match=r"must have shape \(\) or \(1,\) and not require grad"):
-        variant(x, torch.tensor([0.1, 0.2]))
-    with pytest.raises(TypeError, match=r"must be floating point, got dtype torch\.int64"):
-        variant(x, torch.tensor(0))
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 1.5"):
-        variant(x, torch.tensor(1.5))
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from torch import nn
 from torch.func import functional_call
 
 import dropkit
-from dropkit.engine.masks import keep_mask, realised_drop_probability
+from dropkit.engine.masks import keep_mask
+from dropkit.engine.numerics import realised_drop_probability
 from dropkit.nn.weight_drop import WeightDrop
 from tests.conftest import binomial_tolerance
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import dropkit
-from dropkit.engine.masks import keep_mask, realised_drop_probability
+from dropkit.engine.masks import keep_mask
+from dropkit.engine.numerics import realised_drop_probability
 from dropkit.functional.zoneout import zoneout, zoneout_states
 from dropkit.nn.zoneout import ZoneoutCell
 from tests.conftest import binomial_tolerance
@@ -212,7 +213,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"cell_p applies to nn\.LSTMCell only"):
         ZoneoutCell(nn.GRUCell(2, 2), 0.1, 0.5)
     with pytest.raises(
-        TypeError, match=r"cell must be an nn\.LSTMCell, nn\.GRUCell or nn\.RNNCell, got LSTM"
+        TypeError, match=r"module must be an nn\.LSTMCell, nn\.GRUCell or nn\.RNNCell, got LSTM"
     ):
         ZoneoutCell(nn.LSTM(2, 2))
     with pytest.raises(ValueError, match=r"rates\[1\] must be in \[0, 1\], got 2.0"):

@@ -17,7 +17,7 @@ from dropkit._version import __version__ as __version__
 from dropkit.engine.checkpoint import UnmanagedRecomputeError as UnmanagedRecomputeError
 from dropkit.engine.checkpoint import checkpoint as checkpoint
 from dropkit.engine.checkpoint import checkpoint_context as checkpoint_context
-from dropkit.engine.masks import realised_drop_probability as realised_drop_probability
+from dropkit.engine.numerics import realised_drop_probability as realised_drop_probability
 from dropkit.engine.streams import initial_seed as initial_seed
 from dropkit.engine.streams import make_key as make_key
 from dropkit.engine.streams import manual_seed as manual_seed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "check_probability_tensor",
     "check_min_rank",
     "check_rank",
+    "env_flag",
     "normalize_dims",
 ]
 
@@ -115,3 +117,14 @@ def normalize_dims(dims: object, ndim: int, name: str) -> list[int]:
             raise ValueError(f"{name} entry {dim} is out of range for a {ndim}-D input")
         result.add(dim % ndim)
     return sorted(result)
+
+
+def env_flag(name: str) -> bool:
+    """A boolean environment variable (``0/1/true/false/yes/no/on/off``, unset = false); anything
+    else is a ValueError, so a typo fails loudly instead of silently meaning "off"."""
+    raw = os.environ.get(name, "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"environment variable {name} must be 0/1/true/false, got {raw!r}")

@@ -24,21 +24,17 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from dropkit.engine.numerics import THRESHOLD_SCALE, compute_dtype, drop_threshold, drop_threshold_tensor
 from dropkit.engine.philox import MASK32, philox4x32
 
 __all__ = [
-    "THRESHOLD_BITS",
-    "drop_threshold",
     "keep_mask",
     "mask_chunk_counters",
     "mask_shape",
     "normal_noise",
     "random_bits16",
-    "realised_drop_probability",
+    "threshold_keep_mask",
 ]
-
-THRESHOLD_BITS = 16
-_THRESHOLD_SCALE = 1 << THRESHOLD_BITS
 _ELEMENTS_PER_COUNTER = 8  # 4 words x 2 halves of 16 bits
 _NORMALS_PER_COUNTER = 4
 
@@ -56,16 +52,6 @@ def mask_chunk_counters(counters: int) -> Iterator[None]:
         yield
     finally:
         _chunk_counters = previous
-
-
-def drop_threshold(p: float) -> int:
-    """Integer threshold in ``[0, 2**16]``: a 16-bit draw below it drops the element."""
-    return round(p * _THRESHOLD_SCALE)
-
-
-def realised_drop_probability(p: float) -> float:
-    """The drop probability the engine actually realises for ``p`` (exact, a multiple of 2**-16)."""
-    return drop_threshold(p) / _THRESHOLD_SCALE
 
 
 def mask_shape(shape: Sequence[int], broadcast_dims: Sequence[int]) -> list[int]:
@@ -99,20 +85,33 @@ def random_bits16(key: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.cat(chunks)[:numel]
 
 
-def keep_mask(key: torch.Tensor, p: float, shape: Sequence[int]) -> torch.Tensor:
-    """Boolean keep mask of ``shape`` (True = kept) for drop probability ``p``."""
+def keep_mask(key: torch.Tensor, p: float | torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Boolean keep mask of ``shape`` (True = kept) for drop probability ``p``.
+
+    ``p`` may be a one-element tensor (a rate a compiled graph reads when it runs): its
+    threshold is computed in tensor ops and compared with the same draws, which lie in
+    ``[0, 2**16)``, so thresholds 0 and ``2**16`` give the all-kept and all-dropped masks.
+    """
     numel = math.prod(shape)
-    threshold = drop_threshold(p)
+    if isinstance(p, torch.Tensor):
+        threshold = drop_threshold_tensor(p.reshape(())).to(key.device)
+        return (random_bits16(key, numel) >= threshold).reshape(tuple(shape))
+    return threshold_keep_mask(key, drop_threshold(p), shape)
+
+
+def threshold_keep_mask(key: torch.Tensor, threshold: int, shape: Sequence[int]) -> torch.Tensor:
+    """Boolean keep mask of ``shape``: element ``j`` is kept when its 16-bit draw is at least
+    ``threshold`` (an int in ``[0, 2**16]``, see :func:`dropkit.engine.numerics.drop_threshold`)."""
     if threshold == 0:
         return torch.ones(tuple(shape), dtype=torch.bool, device=key.device)
-    if threshold == _THRESHOLD_SCALE:
+    if threshold == THRESHOLD_SCALE:
         return torch.zeros(tuple(shape), dtype=torch.bool, device=key.device)
-    return (random_bits16(key, numel) >= threshold).reshape(tuple(shape))
+    return (random_bits16(key, math.prod(shape)) >= threshold).reshape(tuple(shape))
 
 
 def normal_noise(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise of ``shape``, computed in float64 for float64 and else float32."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = compute_dtype(dtype)
     numel = math.prod(shape)
     n_counters = -(-numel // _NORMALS_PER_COUNTER)
     chunks = []

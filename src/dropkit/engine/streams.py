@@ -17,12 +17,13 @@ names one mask exactly, on any device and however the work is split.
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 from collections.abc import Iterator
 from typing import Protocol
 
 import torch
+
+from dropkit._validation import env_flag
 
 __all__ = [
     "FUNCTIONAL_STREAM",
@@ -43,15 +44,6 @@ _INT64_MIN = -(1 << 63)
 # Stream of functional calls that get no seed; modules count up from 0, so they never meet it.
 FUNCTIONAL_STREAM = 0xFFFFFFFF
 _SHARE_ENV = "DROPKIT_SHARE_MASKS_ACROSS_RANKS"
-
-
-def _env_flag(name: str) -> bool:
-    raw = os.environ.get(name, "0").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"environment variable {name} must be 0/1/true/false, got {raw!r}")
 
 
 def _to_int64(value: int) -> int:
@@ -78,7 +70,7 @@ class _GlobalRngState:
     def __init__(self) -> None:
         self.seed = _to_int64(torch.initial_seed())
         self.next_stream = 0
-        self.share_across_ranks = _env_flag(_SHARE_ENV)
+        self.share_across_ranks = env_flag(_SHARE_ENV)
         self.functional_step = torch.zeros(1, dtype=torch.int64)
         self.owners: weakref.WeakSet[StepCounterOwner] = weakref.WeakSet()
 

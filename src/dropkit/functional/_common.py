@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from dropkit._validation import check_bool, check_floating_tensor
+from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
+from dropkit.engine.numerics import compute_dtype
 from dropkit.engine.streams import draw_functional_key, key_from_generator, make_key, to_device_async
+from dropkit.ops import Rate, zeros_like_connected
 
 SeedLike = int | torch.Tensor | None
+
+
+def check_rate(p: object, name: str = "p", check: Callable[[object, str], float] = check_probability) -> Rate:
+    """A rate argument: a float validated by ``check`` now, or a one-element floating-point tensor
+    whose value the op validates when it reads it (in a compiled graph: when the graph runs)."""
+    if isinstance(p, torch.Tensor):
+        return check_probability_tensor(p, name)
+    return check(p, name)
+
+
+def is_zero(rate: Rate) -> bool:
+    """``rate`` is the float 0: nothing to do.  A tensor rate is never read here (a compiled graph
+    must not branch on it); the op computes the identity for it instead."""
+    return not isinstance(rate, torch.Tensor) and rate == 0.0
+
+
+def keep_probability(p: Rate) -> Rate:
+    """``1 - p`` in float64, as a float or a 0-dim tensor."""
+    if isinstance(p, torch.Tensor):
+        return 1.0 - p.reshape(()).to(torch.float64)
+    return 1.0 - p
 
 
 def check_common(input: object, training: object, inplace: object) -> torch.Tensor:
@@ -44,15 +69,15 @@ def finish(input: torch.Tensor, output: torch.Tensor, inplace: bool) -> torch.Te
 
 def drop_everything(input: torch.Tensor, inplace: bool) -> torch.Tensor:
     """Exact zeros that stay connected to autograd (zero gradient), never ``input * 0`` (NaN for inf)."""
-    from dropkit.engine import ops  # late: the ops pull in the kernels
-
-    # At p = 1 the mask ignores the key, so a constant key consumes no draw.
-    unused_key = torch.zeros(3, dtype=torch.int64, device=input.device)
-    return finish(input, ops.masked_affine(input, unused_key, 1.0, [], 0.0, 0.0, 0.0), inplace)
+    return finish(input, zeros_like_connected(input), inplace)
 
 
-def scale_by(input: torch.Tensor, factor: float, inplace: bool) -> torch.Tensor:
-    """``input * factor`` computed in float32 (float64 for float64), in place if asked."""
-    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
-    scaled = input.to(compute) * torch.tensor(factor, dtype=compute, device=input.device)
-    return finish(input, scaled.to(input.dtype), inplace)
+def scale_by(input: torch.Tensor, factor: Rate, inplace: bool) -> torch.Tensor:
+    """``input * factor`` computed in float32 (float64 for float64), the factor rounded once to
+    that dtype, in place if asked; ``factor`` a float or a 0-dim float64 tensor."""
+    compute = compute_dtype(input.dtype)
+    if isinstance(factor, torch.Tensor):
+        constant = factor.to(device=input.device, dtype=compute)
+    else:
+        constant = torch.tensor(factor, dtype=compute, device=input.device)
+    return finish(input, (input.to(compute) * constant).to(input.dtype), inplace)

@@ -4,7 +4,8 @@
   by dropkit's engine (reproducible, keyed like every other dropkit mask), or delegated to
   :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels, torch's RNG).
 * :func:`residual_dropout`: ``residual + dropout(input + bias)``, the sub-layer output dropout
-  before the residual add (fused when a bias is given).
+  before the residual add (fused when a bias is given); the one API of that operation
+  (:func:`dropkit.functional.bias_dropout_add` is its deprecated alias).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import numbers
 import torch
 import torch.nn.functional as torch_F
 
-from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
-from dropkit.engine.ops import compute_dtype
-from dropkit.functional._common import SeedLike
-from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS, register_tensor_rate_variant
-from dropkit.functional.dropout import _dropout_tensor_rate, dropout
-from dropkit.functional.fused import bias_dropout_add
+from dropkit import ops
+from dropkit._validation import check_bool, check_floating_tensor
+from dropkit.engine.numerics import compute_dtype
+from dropkit.functional._common import SeedLike, check_rate, resolve_key
+from dropkit.functional.dropout import dropout
+from dropkit.functional.fused import fused_bias_dropout_add
+from dropkit.ops import Rate
 
 __all__ = ["residual_dropout", "scaled_dot_product_attention"]
 
@@ -148,7 +150,7 @@ def scaled_dot_product_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
+    dropout_p: Rate = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
@@ -167,37 +169,51 @@ def scaled_dot_product_attention(
     explicitly and dropped by :func:`dropkit.functional.dropout` with the key of ``seed`` /
     ``generator`` (or the global functional stream); ``use_engine=False`` passes ``dropout_p`` to
     torch's fused kernel, whose mask comes from torch's RNG (``seed``/``generator`` refused).
+
+    On the explicit path a query row that attends nowhere (a bool ``attn_mask`` row all False,
+    a float one all ``-inf``) gives zeros, never NaN, with zero gradients; float16 and bfloat16
+    inputs are computed in float32 and rounded once.  :func:`dropkit.mc.mc_dropout` runs the
+    attention dropout it intercepts by this path's maths.
     """
     query, key, value = _check_attention_args(query, key, value, attn_mask, is_causal, enable_gqa)
-    dropout_p = check_probability(dropout_p, "dropout_p")
+    dropout_p = check_rate(dropout_p, "dropout_p")
     scale = _check_scale(scale)
     check_bool(training, "training")
     check_bool(use_engine, "use_engine")
-    active = training and dropout_p > 0.0
     if not use_engine and (seed is not None or generator is not None):
         raise ValueError(
             "seed and generator fix dropkit's engine masks and need use_engine=True, got use_engine=False"
         )
+    if not use_engine and isinstance(dropout_p, torch.Tensor):
+        raise ValueError(
+            "a rate held in a tensor needs use_engine=True (torch's fused kernel takes a float), "
+            "got use_engine=False"
+        )
+    # A tensor rate is never read here (a compiled graph must not branch on it): a training call
+    # takes the explicit path, where the dropout op reads it, also when it holds 0.
+    active = training and (isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0)
     if not (active and use_engine):
         return torch_F.scaled_dot_product_attention(
             query,
             key,
             value,
             attn_mask=attn_mask,
-            dropout_p=dropout_p if active else 0.0,
+            dropout_p=float(dropout_p) if active else 0.0,
             is_causal=is_causal,
             scale=scale,
             enable_gqa=enable_gqa,
         )
     weights, v = _attention_weights_and_values(query, key, value, attn_mask, is_causal, scale, enable_gqa)
-    weights = dropout(weights, dropout_p, True, seed=seed, generator=generator)
+    weights = ops.masked_affine(
+        weights, resolve_key(weights, seed, generator), dropout_p, [], "inverted", "dropout_p"
+    )
     return torch.matmul(weights, v).to(query.dtype)
 
 
 def residual_dropout(
     input: torch.Tensor,
     residual: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     *,
     bias: torch.Tensor | None = None,
@@ -206,14 +222,15 @@ def residual_dropout(
 ) -> torch.Tensor:
     """``residual + dropout(input + bias, p)``; see :class:`dropkit.nn.ResidualDropout`.
 
-    With a ``bias`` this is the fused :func:`dropkit.functional.bias_dropout_add` (one pass,
-    no mask kept for backward); without one, ``residual + dropout(input)``.  Either way the
-    mask is the one :func:`dropkit.functional.dropout` draws for the same key.
+    With a ``bias`` this is the fused bias-dropout-add (one pass, no mask kept for backward;
+    the deprecated :func:`dropkit.functional.bias_dropout_add` is this call); without one,
+    ``residual + dropout(input)``.  Either way the mask is the one
+    :func:`dropkit.functional.dropout` draws for the same key.
     """
     input, residual = _check_residual_args(input, residual, training)
     if bias is not None:
-        return bias_dropout_add(input, bias, residual, p, training, seed=seed, generator=generator)
-    p = check_probability(p)
+        return fused_bias_dropout_add(input, bias, residual, p, training, seed=seed, generator=generator)
+    p = check_rate(p)
     _check_residual_like(input, residual)
     return residual + dropout(input, p, training, seed=seed, generator=generator)
 
@@ -234,101 +251,3 @@ def _check_residual_like(input: torch.Tensor, residual: torch.Tensor) -> None:
         raise ValueError(
             f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
         )
-
-
-# --- rates held in tensors (see dropkit.functional._tensor_rate) --------------------------------
-
-
-def _residual_dropout_tensor_rate(
-    input: torch.Tensor,
-    residual: torch.Tensor,
-    p: torch.Tensor,
-    training: bool = True,
-    *,
-    bias: torch.Tensor | None = None,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """:func:`residual_dropout` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)``."""
-    check_probability_tensor(p)
-    if not torch.compiler.is_compiling():
-        return residual_dropout(
-            input, residual, float(p), training, bias=bias, seed=seed, generator=generator
-        )
-    input, residual = _check_residual_args(input, residual, training)
-    if bias is not None:
-        fused = TENSOR_RATE_VARIANTS[bias_dropout_add]
-        return fused(input, bias, residual, p, training, seed=seed, generator=generator)
-    _check_residual_like(input, residual)
-    return residual + _dropout_tensor_rate(input, p, training, seed=seed, generator=generator)
-
-
-def _scaled_dot_product_attention_tensor_rate(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: torch.Tensor | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    *,
-    training: bool = True,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-    use_engine: bool = True,
-) -> torch.Tensor:
-    """:func:`scaled_dot_product_attention` with ``dropout_p`` a floating-point tensor of shape
-    ``()`` or ``(1,)``, for dropkit's engine only (``use_engine=True``).
-
-    Traced, a training call always takes the explicit path with the dropout op reading the rate
-    at run time, also when the rate is 0: where the float path hands ``p = 0`` to torch's kernel,
-    the traced graph computes the same attention explicitly (equal to float rounding).
-    ``use_engine=False`` hands the rate to torch's fused kernel, which takes a float only: its
-    rate stays a constant of a compiled graph (:class:`dropkit.nn.ScaledDotProductAttention`
-    passes the float there).
-    """
-    if not isinstance(dropout_p, torch.Tensor):
-        raise TypeError(f"dropout_p must be a tensor here, got {type(dropout_p).__name__}")
-    check_probability_tensor(dropout_p, "dropout_p")
-    check_bool(use_engine, "use_engine")
-    if not use_engine:
-        raise ValueError(
-            "a rate held in a tensor needs use_engine=True (torch's fused kernel takes a float), "
-            "got use_engine=False"
-        )
-    if not torch.compiler.is_compiling():
-        return scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask,
-            float(dropout_p),
-            is_causal,
-            scale,
-            enable_gqa,
-            training=training,
-            seed=seed,
-            generator=generator,
-        )
-    query, key, value = _check_attention_args(query, key, value, attn_mask, is_causal, enable_gqa)
-    scale = _check_scale(scale)
-    check_bool(training, "training")
-    if not training:
-        return torch_F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=0.0,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-        )
-    weights, v = _attention_weights_and_values(query, key, value, attn_mask, is_causal, scale, enable_gqa)
-    weights = _dropout_tensor_rate(weights, dropout_p, True, seed=seed, generator=generator)
-    return torch.matmul(weights, v).to(query.dtype)
-
-
-register_tensor_rate_variant(residual_dropout, _residual_dropout_tensor_rate)
-register_tensor_rate_variant(scaled_dot_product_attention, _scaled_dot_product_attention_tensor_rate)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as TF
 
-from dropkit._validation import check_bool, check_probability, check_probability_tensor, check_rank
+from dropkit._validation import check_bool, check_rank
 from dropkit.engine.masks import keep_mask
-from dropkit.functional._common import SeedLike, check_common, drop_everything, finish, resolve_key
-from dropkit.functional._tensor_rate import register_tensor_rate_variant, tensor_rate_op
+from dropkit.engine.numerics import compute_dtype
+from dropkit.functional._common import SeedLike, check_common, check_rate, finish, is_zero, resolve_key
+from dropkit.ops import Rate, rate_op
 
 __all__ = ["drop_block", "drop_block1d", "drop_block2d", "drop_block3d"]
 
@@ -105,8 +105,7 @@ def exact_seed_rate(p: float, feature: Sequence[int], block_size: int) -> float:
         else:
             high = middle
     gamma = 0.5 * (low + high)
-    if not torch.compiler.is_compiling():  # a traced function must not mutate module state
-        _EXACT_SEED_RATES[cache_key] = gamma
+    _EXACT_SEED_RATES[cache_key] = gamma  # run by the op on real values, never while tracing
     return gamma
 
 
@@ -155,7 +154,7 @@ def _check_options(
 
 def drop_block(
     input: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     inplace: bool = False,
     *,
@@ -175,16 +174,45 @@ def drop_block(
     :func:`dropkit.make_key`) or ``generator`` fix the mask for this call.
     """
     input = check_common(input, training, inplace)
-    p = check_probability(p)
-    rank = _check_options(
+    p = check_rate(p)
+    _check_options(
         input, block_size, spatial_rank, channels_last, shared_channels, per_sample_renorm, exact_rate
     )
-    if not training or p == 0.0 or input.numel() == 0:
+    if not training or is_zero(p) or input.numel() == 0:
+        return input
+    key = resolve_key(input, seed, generator)
+    output = _drop_block(
+        input,
+        key,
+        p,
+        block_size,
+        spatial_rank,
+        channels_last,
+        shared_channels,
+        per_sample_renorm,
+        exact_rate,
+        "p",
+    )
+    return finish(input, output, inplace)
+
+
+def _drop_block_forward(
+    input: torch.Tensor,
+    key: torch.Tensor,
+    p: float,
+    block_size: int,
+    rank: int,
+    channels_last: bool,
+    shared_channels: bool,
+    per_sample_renorm: bool,
+    exact_rate: bool,
+) -> torch.Tensor:
+    # Run by the op with the rate it read, so gamma (the paper's formula, or the bisection of
+    # exact_rate) is computed by the same float arithmetic eagerly and in a compiled graph.
+    if p == 0.0:
         return input
     if p == 1.0:
-        return drop_everything(input, inplace)
-    key = resolve_key(input, seed, generator)
-
+        return torch.zeros_like(input)
     batched = input.dim() == rank + 2
     x = input if batched else input.unsqueeze(0)
     if channels_last:
@@ -193,7 +221,7 @@ def drop_block(
     blocks, valid = block_geometry(feature, block_size)
     gamma = exact_seed_rate(p, feature, block_size) if exact_rate else seed_rate(p, feature, block_size)
     seeds = ~keep_mask(key, gamma, [n, 1 if shared_channels else c, *valid])
-    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(input.dtype)
     mask = block_keep_mask(seeds, blocks).to(compute)
 
     if per_sample_renorm:
@@ -212,12 +240,23 @@ def drop_block(
         output = output.movedim(1, -1)
     if not batched:
         output = output.squeeze(0)
-    return finish(input, output, inplace)
+    return output
+
+
+#: ``dropkit::drop_block(x, key, rate, block_size, spatial_rank, channels_last, shared_channels,
+#: per_sample_renorm, exact_rate, rate_name)``: ``y = x * factor(mask)``, linear in ``x``, so the
+#: gradient is the same op on ``dy``.
+_drop_block = rate_op(
+    "drop_block",
+    "int block_size, int spatial_rank, bool channels_last, bool shared_channels, "
+    "bool per_sample_renorm, bool exact_rate",
+    _drop_block_forward,
+)
 
 
 def drop_block1d(
     input: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     inplace: bool = False,
     *,
@@ -248,7 +287,7 @@ def drop_block1d(
 
 def drop_block2d(
     input: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     inplace: bool = False,
     *,
@@ -279,7 +318,7 @@ def drop_block2d(
 
 def drop_block3d(
     input: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     inplace: bool = False,
     *,
@@ -306,106 +345,3 @@ def drop_block3d(
         seed=seed,
         generator=generator,
     )
-
-
-# --- rates held in tensors (see dropkit.functional._tensor_rate) --------------------------------
-
-
-def _drop_block_forward(
-    x: torch.Tensor,
-    key: torch.Tensor,
-    p: float,
-    block_size: int,
-    spatial_rank: int,
-    channels_last: bool,
-    shared_channels: bool,
-    per_sample_renorm: bool,
-    exact_rate: bool,
-) -> torch.Tensor:
-    # gamma (the paper's formula or the bisection of exact_rate) is computed here, from the rate
-    # read at run time, by the float path itself.  y = x * factor(mask): linear in x, so the
-    # gradient is the same op on dy.
-    return drop_block(
-        x,
-        p,
-        True,
-        False,
-        block_size=block_size,
-        spatial_rank=spatial_rank,
-        channels_last=channels_last,
-        shared_channels=shared_channels,
-        per_sample_renorm=per_sample_renorm,
-        exact_rate=exact_rate,
-        seed=key,
-    )
-
-
-#: ``dropkit::drop_block_tensor_rate(x, key, p, block_size, spatial_rank, channels_last,
-#: shared_channels, per_sample_renorm, exact_rate)``: DropBlock with the rate read at run time.
-drop_block_tensor_rate_op = tensor_rate_op(
-    "drop_block_tensor_rate",
-    "int block_size, int spatial_rank, bool channels_last, bool shared_channels, "
-    "bool per_sample_renorm, bool exact_rate",
-    _drop_block_forward,
-)
-
-
-def _drop_block_tensor_rate(
-    input: torch.Tensor,
-    p: torch.Tensor,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    block_size: int = 7,
-    spatial_rank: int = 2,
-    channels_last: bool = False,
-    shared_channels: bool = False,
-    per_sample_renorm: bool = False,
-    exact_rate: bool = False,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """:func:`drop_block` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)``."""
-    check_probability_tensor(p)
-    options: dict[str, Any] = {
-        "block_size": block_size,
-        "spatial_rank": spatial_rank,
-        "channels_last": channels_last,
-        "shared_channels": shared_channels,
-        "per_sample_renorm": per_sample_renorm,
-        "exact_rate": exact_rate,
-    }
-    if not torch.compiler.is_compiling():
-        return drop_block(input, float(p), training, inplace, seed=seed, generator=generator, **options)
-    input = check_common(input, training, inplace)
-    _check_options(input, **options)
-    if not training or input.numel() == 0:
-        return input
-    key = resolve_key(input, seed, generator)
-    output = drop_block_tensor_rate_op(
-        input,
-        key,
-        p.reshape(()),
-        block_size,
-        spatial_rank,
-        channels_last,
-        shared_channels,
-        per_sample_renorm,
-        exact_rate,
-    )
-    return finish(input, output, inplace)
-
-
-def _ranked_tensor_rate(spatial_rank: int) -> Callable[..., torch.Tensor]:
-    def drop_block_ranked(
-        input: torch.Tensor, p: torch.Tensor, training: bool = True, inplace: bool = False, **options: Any
-    ) -> torch.Tensor:
-        return _drop_block_tensor_rate(input, p, training, inplace, spatial_rank=spatial_rank, **options)
-
-    return drop_block_ranked
-
-
-register_tensor_rate_variant(drop_block, _drop_block_tensor_rate)
-register_tensor_rate_variant(drop_block1d, _ranked_tensor_rate(1))
-register_tensor_rate_variant(drop_block2d, _ranked_tensor_rate(2))
-register_tensor_rate_variant(drop_block3d, _ranked_tensor_rate(3))

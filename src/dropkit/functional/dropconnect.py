@@ -25,10 +25,18 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dropkit._validation import check_floating_tensor, check_probability
-from dropkit.engine.masks import drop_threshold, keep_mask, normal_noise
+from dropkit._validation import check_floating_tensor
+from dropkit.engine.masks import keep_mask, normal_noise
+from dropkit.engine.numerics import (
+    THRESHOLD_SCALE,
+    compute_dtype,
+    drop_threshold,
+    drop_threshold_tensor,
+    inverted_scale_of,
+)
 from dropkit.engine.philox import MASK32, philox4x32
-from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._common import SeedLike, check_rate, is_zero, resolve_key
+from dropkit.ops import Rate
 
 __all__ = [
     "drop_connect_linear_moments",
@@ -41,20 +49,21 @@ __all__ = [
 _ELEMENTS_PER_COUNTER = 8  # the 16-bit layout of dropkit.engine.masks
 
 
-def keep_scale(p: float) -> float:
-    """The inverted scale :math:`1/q`; 0 at ``p = 1``, where nothing is kept and 1/0 must not appear."""
-    keep_prob = 1.0 - p
-    return 1.0 / keep_prob if keep_prob > 0.0 else 0.0
+def _in_compute_dtype(factor: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    # A float64 factor tensor rounded once to the compute dtype: what torch does with a float.
+    if isinstance(factor, torch.Tensor):
+        return factor.to(dtype=compute_dtype(like.dtype), device=like.device)
+    return factor
 
 
-def apply_weight_mask(weight: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+def apply_weight_mask(weight: torch.Tensor, keep: torch.Tensor, p: Rate) -> torch.Tensor:
     """``weight / q`` where ``keep``, exact zeros elsewhere (``where``, not ``* mask``: inf * 0 is NaN)."""
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    return torch.where(keep, weight * keep_scale(p), zero)
+    return torch.where(keep, weight * _in_compute_dtype(inverted_scale_of(p), weight), zero)
 
 
 def example_keep_masks(
-    key: torch.Tensor, p: float, weight_shape: Sequence[int], start: int, stop: int
+    key: torch.Tensor, p: Rate, weight_shape: Sequence[int], start: int, stop: int
 ) -> torch.Tensor:
     """Keep masks of examples ``start .. stop-1``, shape ``(stop - start, *weight_shape)``.
 
@@ -66,10 +75,12 @@ def example_keep_masks(
     if not 0 <= start <= stop:
         raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
     shape = (stop - start, *(int(size) for size in weight_shape))
+    if isinstance(p, torch.Tensor):  # bits >= threshold holds at both ends too (see _example_bits)
+        return _example_bits(key, shape, start, stop) >= drop_threshold_tensor(p.reshape(())).to(key.device)
     threshold = drop_threshold(p)
     if threshold == 0:
         return torch.ones(shape, dtype=torch.bool, device=key.device)
-    if threshold == 1 << 16:
+    if threshold == THRESHOLD_SCALE:
         return torch.zeros(shape, dtype=torch.bool, device=key.device)
     return _example_bits(key, shape, start, stop) >= threshold
 
@@ -100,7 +111,7 @@ def _example_bits(key: torch.Tensor, shape: tuple[int, ...], start: int, stop: i
 
 def drop_connect_weight(
     weight: torch.Tensor,
-    p: float = 0.5,
+    p: Rate = 0.5,
     *,
     seed: SeedLike = None,
     generator: torch.Generator | None = None,
@@ -123,15 +134,15 @@ def drop_connect_weight(
         True
     """
     weight = check_floating_tensor(weight, "weight")
-    p = check_probability(p)
-    if p == 0.0:
+    p = check_rate(p)
+    if is_zero(p):
         return weight
     key = resolve_key(weight, seed, generator)
     return apply_weight_mask(weight, keep_mask(key, p, weight.shape), p)
 
 
 def drop_connect_linear_moments(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: Rate
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Mean and variance of the training-time pre-activation :math:`u = \tilde W v + b`.
 
@@ -142,9 +153,10 @@ def drop_connect_linear_moments(
     :math:`(*, \text{out})`.
     """
     input = check_floating_tensor(input)
-    p = check_probability(p)
+    p = check_rate(p)
     mean = F.linear(input, weight, bias)
-    variance = F.linear(input.square(), weight.square()) * variance_ratio(p)
+    square = input.square()
+    variance = F.linear(square, weight.square()) * _in_compute_dtype(variance_ratio(p), square)
     return mean, variance
 
 
@@ -152,7 +164,7 @@ def moment_matching_linear(
     input: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    p: float,
+    p: Rate,
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     *,
     samples: int = 256,
@@ -185,8 +197,12 @@ def moment_matching_linear(
     )
 
 
-def variance_ratio(p: float) -> float:
-    """``p / q``, the variance of one inverted mask entry ``r / q``; 0 at ``p = 1`` (see the moments)."""
+def variance_ratio(p: Rate) -> float | torch.Tensor:
+    """``p / q``, the variance of one inverted mask entry ``r / q``; 0 at ``p = 1`` (see the
+    moments).  A rate tensor gives a 0-dim float64 tensor by the same float64 arithmetic."""
+    if isinstance(p, torch.Tensor):
+        p = p.reshape(()).to(torch.float64)
+        return torch.where(p < 1.0, p / (1.0 - p), torch.zeros_like(p))
     return p / (1.0 - p) if p < 1.0 else 0.0
 
 

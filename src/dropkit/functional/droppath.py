@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from dropkit._validation import check_probability, check_probability_tensor, normalize_dims
-from dropkit.functional._common import SeedLike, check_common
-from dropkit.functional._tensor_rate import register_tensor_rate_variant
-from dropkit.functional.dropout import _dropout_tensor_rate, dropout
+from dropkit._validation import check_probability, normalize_dims
+from dropkit.functional._common import SeedLike, check_common, check_rate
+from dropkit.functional.dropout import dropout
+from dropkit.ops import Rate
 
 __all__ = ["DROP_PATH_MODES", "STOCHASTIC_DEPTH_RULES", "drop_path", "stochastic_depth_rates"]
 
@@ -34,7 +34,7 @@ def check_batch_dim(batch_dim: object) -> int:
 
 def drop_path(
     input: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     inplace: bool = False,
     *,
@@ -56,7 +56,7 @@ def drop_path(
     defaults to ``True`` here, like every functional op of dropkit.
     """
     input = check_common(input, training, inplace)
-    p = check_probability(p)
+    p = check_rate(p)
     shared = _shared_dims(input, mode, batch_dim)
     return dropout(input, p, training, inplace, broadcast_dims=shared, seed=seed, generator=generator)
 
@@ -74,34 +74,6 @@ def _shared_dims(input: torch.Tensor, mode: object, batch_dim: object) -> list[i
         )
     (batch,) = normalize_dims(batch_dim, input.dim(), "batch_dim")
     return [dim for dim in range(input.dim()) if dim != batch]
-
-
-def _drop_path_tensor_rate(
-    input: torch.Tensor,
-    p: torch.Tensor,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    mode: str = "row",
-    batch_dim: int = 0,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """:func:`drop_path` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)`` (see
-    :mod:`dropkit.functional._tensor_rate`): the dropout op reads it at run time."""
-    check_probability_tensor(p)
-    if not torch.compiler.is_compiling():
-        return drop_path(
-            input, float(p), training, inplace, mode=mode, batch_dim=batch_dim, seed=seed, generator=generator
-        )
-    input = check_common(input, training, inplace)
-    shared = _shared_dims(input, mode, batch_dim)
-    return _dropout_tensor_rate(
-        input, p, training, inplace, broadcast_dims=shared, seed=seed, generator=generator
-    )
-
-
-register_tensor_rate_variant(drop_path, _drop_path_tensor_rate)
 
 
 def stochastic_depth_rates(num_blocks: int, max_rate: float, *, rule: str = "linear") -> list[float]:

@@ -3,21 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
+from dropkit._validation import check_bool, check_floating_tensor
 from dropkit.engine.masks import keep_mask
-from dropkit.engine.ops import compute_dtype, inverted_scale
-from dropkit.functional._common import SeedLike, resolve_key
-from dropkit.functional._tensor_rate import (
-    rate_constants_op,
-    register_tensor_rate_variant,
-    tensor_rate_keep_mask,
-)
+from dropkit.engine.numerics import compute_dtype, inverted_scale_of
+from dropkit.functional._common import SeedLike, check_rate, is_zero, resolve_key
+from dropkit.ops import Rate
 
 __all__ = ["embedding_dropout", "word_dropout"]
 
@@ -55,20 +50,18 @@ def _check_num_embeddings(num_embeddings: object) -> int:
 def _token_keep(
     input: torch.Tensor,
     key: torch.Tensor,
-    p: float | torch.Tensor,
+    p: Rate,
     num_embeddings: int,
     per_token: bool,
     padding_idx: int | None,
-    mask: Callable[[torch.Tensor, Any, tuple[int, ...]], torch.Tensor] = keep_mask,
 ) -> torch.Tensor:
     """Per token: kept (True) or dropped; padding tokens are always kept.
 
     Word-type masks are one draw per row of the vocabulary, ``keep_mask(key, p, (V,))``, read at
-    each token's index; token masks are ``keep_mask(key, p, input.shape)``.  ``mask`` replaces
-    :func:`keep_mask` (the tensor-rate variant passes one that reads the rate at run time).
+    each token's index; token masks are ``keep_mask(key, p, input.shape)``.
     """
     if per_token:
-        keep = mask(key, p, tuple(input.shape))
+        keep = keep_mask(key, p, tuple(input.shape))
     else:
         # Checked on the CPU only: reading the range of device indices would stall the host.  Not
         # while torch.compile traces either: reading values is a graph break, and out-of-range ids
@@ -83,7 +76,7 @@ def _token_keep(
                 f"input indices must be in [0, {num_embeddings}), got values in "
                 f"[{int(input.min())}, {int(input.max())}]"
             )
-        keep = mask(key, p, (num_embeddings,))[input]
+        keep = keep_mask(key, p, (num_embeddings,))[input]
     if padding_idx is not None:
         keep = keep | (input == padding_idx)
     return keep
@@ -91,7 +84,7 @@ def _token_keep(
 
 def word_dropout(
     input: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     *,
     unk_idx: int,
@@ -117,7 +110,7 @@ def word_dropout(
         True
     """
     input = _check_ids(input)
-    p = check_probability(p)
+    p = check_rate(p)
     check_bool(training, "training")
     check_bool(per_token, "per_token")
     num_embeddings = _check_num_embeddings(num_embeddings)
@@ -127,7 +120,7 @@ def word_dropout(
         raise TypeError("unk_idx must be an int, got None")
     if unk == padding_idx:
         raise ValueError(f"unk_idx must differ from padding_idx, got {unk_idx} and {padding_idx}")
-    if not training or p == 0.0:
+    if not training or is_zero(p):
         return input
     key = resolve_key(input, seed, generator)
     keep = _token_keep(input, key, p, num_embeddings, per_token, padding_idx)
@@ -137,7 +130,7 @@ def word_dropout(
 def embedding_dropout(
     input: torch.Tensor,
     weight: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     *,
     per_token: bool = False,
@@ -170,13 +163,13 @@ def embedding_dropout(
     input, weight, padding_idx, unk = _check_embedding_args(
         input, weight, training, per_token, scale, unk_idx, padding_idx, max_norm
     )
-    p = check_probability(p)
+    p = check_rate(p)
     options = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    if not training or p == 0.0:
+    if not training or is_zero(p):
         return F.embedding(input, weight, *options)
     key = resolve_key(weight, seed, generator)
     keep = _token_keep(input, key, p, weight.shape[0], per_token, padding_idx)
-    factor = inverted_scale(p) if scale is None or scale else 1.0
+    factor = inverted_scale_of(p) if scale is None or scale else 1.0
     return _drop_words(input, weight, keep, unk, factor, options)
 
 
@@ -239,57 +232,3 @@ def _drop_words(
         kept = torch.where((input == padding_idx).unsqueeze(-1), output.to(compute), kept)
     zero = torch.zeros((), dtype=compute, device=output.device)
     return torch.where(keep.unsqueeze(-1), kept, zero).to(output.dtype)
-
-
-# --- rates held in tensors (see dropkit.functional._tensor_rate) --------------------------------
-
-
-def _embedding_dropout_tensor_rate(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    p: torch.Tensor,
-    training: bool = True,
-    *,
-    per_token: bool = False,
-    scale: bool | None = None,
-    unk_idx: int | None = None,
-    padding_idx: int | None = None,
-    max_norm: float | None = None,
-    norm_type: float = 2.0,
-    scale_grad_by_freq: bool = False,
-    sparse: bool = False,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """:func:`embedding_dropout` with ``p`` a floating-point tensor of shape ``()`` or ``(1,)``.
-
-    Traced, the threshold of the word mask and the scale ``1 / q`` are computed from the rate
-    read at run time (the float path's arithmetic), so the masks and outputs are the eager ones.
-    """
-    check_probability_tensor(p)
-    lookup: dict[str, Any] = {
-        "per_token": per_token,
-        "scale": scale,
-        "unk_idx": unk_idx,
-        "padding_idx": padding_idx,
-        "max_norm": max_norm,
-        "norm_type": norm_type,
-        "scale_grad_by_freq": scale_grad_by_freq,
-        "sparse": sparse,
-    }
-    if not torch.compiler.is_compiling():
-        return embedding_dropout(input, weight, float(p), training, seed=seed, generator=generator, **lookup)
-    input, weight, padding, unk = _check_embedding_args(
-        input, weight, training, per_token, scale, unk_idx, padding_idx, max_norm
-    )
-    options = (padding, max_norm, norm_type, scale_grad_by_freq, sparse)
-    if not training:
-        return F.embedding(input, weight, *options)
-    key = resolve_key(weight, seed, generator)
-    keep = _token_keep(input, key, p, weight.shape[0], per_token, padding, tensor_rate_keep_mask)
-    _, inverted = rate_constants_op(p.reshape(()), "p")
-    factor = inverted if scale is None or scale else 1.0
-    return _drop_words(input, weight, keep, unk, factor, options)
-
-
-register_tensor_rate_variant(embedding_dropout, _embedding_dropout_tensor_rate)

@@ -3,24 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import overload
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from dropkit._validation import (
-    check_bool,
-    check_floating_tensor,
-    check_min_rank,
-    check_probability,
-    check_probability_tensor,
-)
+from dropkit._validation import check_bool, check_floating_tensor, check_min_rank
 from dropkit.engine.masks import keep_mask
-from dropkit.engine.ops import compute_dtype, inverted_scale
-from dropkit.functional._common import SeedLike, check_common, finish, resolve_key
-from dropkit.functional._tensor_rate import register_tensor_rate_variant
-from dropkit.functional.dropout import _dropout_tensor_rate, dropout
+from dropkit.engine.numerics import compute_dtype, inverted_scale, rate_value
+from dropkit.functional._common import SeedLike, check_common, check_rate, finish, is_zero, resolve_key
+from dropkit.functional.dropout import dropout
+from dropkit.ops import Rate
 
 __all__ = ["locked_dropout"]
 
@@ -48,13 +41,16 @@ def _check_padding_mask(padding_mask: object, input: torch.Tensor, batch_first: 
 
 def _packed_locked_dropout(
     packed: PackedSequence,
-    p: float,
+    rate: Rate,
     training: bool,
     inplace: bool,
     seed: SeedLike,
     generator: torch.Generator | None,
 ) -> PackedSequence:
     data = check_floating_tensor(packed.data, "input.data")
+    # Packed masks are gathered by data-dependent indices (the batch sizes), which a traced graph
+    # cannot hold: compiled code breaks the graph here anyway, so a tensor rate is read now.
+    p = rate_value(rate)
     if not training or p == 0.0:
         return packed
     batch_sizes = packed.batch_sizes
@@ -80,7 +76,7 @@ def _packed_locked_dropout(
 @overload
 def locked_dropout(
     input: torch.Tensor,
-    p: float = ...,
+    p: Rate = ...,
     training: bool = ...,
     inplace: bool = ...,
     *,
@@ -94,7 +90,7 @@ def locked_dropout(
 @overload
 def locked_dropout(
     input: PackedSequence,
-    p: float = ...,
+    p: Rate = ...,
     training: bool = ...,
     inplace: bool = ...,
     *,
@@ -107,7 +103,7 @@ def locked_dropout(
 
 def locked_dropout(
     input: torch.Tensor | PackedSequence,
-    p: float = 0.5,
+    p: Rate = 0.5,
     training: bool = True,
     inplace: bool = False,
     *,
@@ -135,7 +131,7 @@ def locked_dropout(
     check_bool(training, "training")
     check_bool(inplace, "inplace")
     check_bool(batch_first, "batch_first")
-    p = check_probability(p)
+    p = check_rate(p)
     if isinstance(input, PackedSequence):
         if padding_mask is not None:
             raise ValueError("padding_mask must be None for a PackedSequence, which holds no padding")
@@ -143,66 +139,12 @@ def locked_dropout(
     input = check_common(input, training, inplace)
     check_min_rank(input, 2, "locked_dropout", _LAYOUT)
     pad = None if padding_mask is None else _check_padding_mask(padding_mask, input, batch_first)
-    if not training or p == 0.0:
+    if not training or is_zero(p):
         return input
-    return _locked(input, p, inplace, batch_first, pad, seed, generator, dropout)
-
-
-def _locked(
-    input: torch.Tensor,
-    p: float | torch.Tensor,
-    inplace: bool,
-    batch_first: bool,
-    pad: torch.Tensor | None,
-    seed: SeedLike,
-    generator: torch.Generator | None,
-    op: Callable[..., torch.Tensor],
-) -> torch.Tensor:
-    """The training forward on a tensor: ``op`` (dropout or its tensor-rate variant) tied over time."""
     time_dim = 1 if batch_first and input.dim() > 2 else 0
     key = resolve_key(input, seed, generator)
     if pad is None:
-        return op(input, p, True, inplace, broadcast_dims=time_dim, seed=key)
-    output = op(input, p, True, False, broadcast_dims=time_dim, seed=key)
+        return dropout(input, p, True, inplace, broadcast_dims=time_dim, seed=key)
+    output = dropout(input, p, True, False, broadcast_dims=time_dim, seed=key)
     pad = pad.reshape(*pad.shape, *([1] * (input.dim() - pad.dim())))
     return finish(input, torch.where(pad, input, output), inplace)
-
-
-def _locked_dropout_tensor_rate(
-    input: torch.Tensor,
-    p: torch.Tensor,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    batch_first: bool = False,
-    padding_mask: torch.Tensor | None = None,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """:func:`locked_dropout` of a tensor with ``p`` a floating-point tensor of shape ``()`` or
-    ``(1,)``.  A PackedSequence is refused: its masks are gathered by data-dependent indices
-    (the batch sizes), which a traced graph cannot hold anyway, so it takes the float rate."""
-    check_probability_tensor(p)
-    if isinstance(input, PackedSequence):
-        raise TypeError("a rate held in a tensor applies to tensor input, got a PackedSequence")
-    if not torch.compiler.is_compiling():
-        return locked_dropout(
-            input,
-            float(p),
-            training,
-            inplace,
-            batch_first=batch_first,
-            padding_mask=padding_mask,
-            seed=seed,
-            generator=generator,
-        )
-    check_bool(batch_first, "batch_first")
-    input = check_common(input, training, inplace)
-    check_min_rank(input, 2, "locked_dropout", _LAYOUT)
-    pad = None if padding_mask is None else _check_padding_mask(padding_mask, input, batch_first)
-    if not training:
-        return input
-    return _locked(input, p, inplace, batch_first, pad, seed, generator, _dropout_tensor_rate)
-
-
-register_tensor_rate_variant(locked_dropout, _locked_dropout_tensor_rate)

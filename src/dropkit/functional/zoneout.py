@@ -7,22 +7,35 @@ from typing import Any
 
 import torch
 
-from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
-from dropkit.engine.masks import drop_threshold, random_bits16
-from dropkit.engine.ops import compute_dtype
-from dropkit.functional._common import SeedLike, resolve_key
-from dropkit.functional._tensor_rate import rate_constants_op, register_tensor_rate_variant
+from dropkit._validation import check_bool, check_floating_tensor
+from dropkit.engine.masks import random_bits16
+from dropkit.engine.numerics import compute_dtype, drop_threshold, drop_threshold_tensor
+from dropkit.functional._common import SeedLike, check_rate, is_zero, resolve_key
+from dropkit.ops import Rate
 
 __all__ = ["zoneout", "zoneout_states"]
 
 
-def _expectation(prev: torch.Tensor, new: torch.Tensor, p: float) -> torch.Tensor:
-    # Exact at the ends (no 0 * inf), p * prev + (1 - p) * new in between.
+def _expectation(prev: torch.Tensor, new: torch.Tensor, p: Rate) -> torch.Tensor:
+    """``p * prev + (1 - p) * new``, exact at the ends (no ``0 * inf``).  A tensor rate stays in
+    tensor ops (a compiled graph reads it when it runs): ``p`` and ``1 - p`` in float64, rounded
+    once to the compute dtype, which is what torch does with the Python floats, so the bits agree."""
+    if isinstance(p, torch.Tensor):
+        compute = compute_dtype(prev.dtype)
+        p = p.reshape(()).to(prev.device)
+        mixed = prev * p.to(compute) + new * (1.0 - p).to(compute)
+        return torch.where(p == 0.0, new, torch.where(p == 1.0, prev, mixed))
     if p == 0.0:
         return new
     if p == 1.0:
         return prev
     return prev * p + new * (1.0 - p)
+
+
+def _threshold(rate: Rate, device: torch.device) -> int | torch.Tensor:
+    if isinstance(rate, torch.Tensor):
+        return drop_threshold_tensor(rate.reshape(())).to(device)
+    return drop_threshold(rate)
 
 
 def _check_states(
@@ -50,7 +63,7 @@ def _check_states(
 def zoneout_states(
     prev: Sequence[torch.Tensor],
     new: Sequence[torch.Tensor],
-    rates: Sequence[float],
+    rates: Sequence[Rate],
     training: bool = True,
     *,
     seed: SeedLike = None,
@@ -66,19 +79,19 @@ def zoneout_states(
     """
     check_bool(training, "training")
     checked = [
-        (before, after, check_probability(rate, f"rates[{i}]"))
+        (before, after, check_rate(rate, f"rates[{i}]"))
         for i, (before, after, rate) in enumerate(_check_states(prev, new, rates))
     ]
     if not training:
         return tuple(_expectation(before, after, rate) for before, after, rate in checked)
-    if all(rate == 0.0 for _, _, rate in checked):
+    if all(is_zero(rate) for _, _, rate in checked):
         return tuple(after for _, after, _ in checked)
     key = resolve_key(checked[0][1], seed, generator)
     sizes = [after.numel() for _, after, _ in checked]
     bits = random_bits16(key, sum(sizes))
     states = []
     for (before, after, rate), part in zip(checked, bits.split(sizes), strict=True):
-        update = (part >= drop_threshold(rate)).reshape(after.shape).to(after.device)
+        update = (part >= _threshold(rate, part.device)).reshape(after.shape).to(after.device)
         states.append(torch.where(update, after, before))
     return tuple(states)
 
@@ -86,7 +99,7 @@ def zoneout_states(
 def zoneout(
     prev: torch.Tensor,
     new: torch.Tensor,
-    p: float = 0.1,
+    p: Rate = 0.1,
     training: bool = True,
     *,
     seed: SeedLike = None,
@@ -108,53 +121,3 @@ def zoneout(
         tensor([0.7500, 0.7500, 0.7500])
     """
     return zoneout_states((prev,), (new,), (p,), training, seed=seed, generator=generator)[0]
-
-
-# --- rates held in tensors (see dropkit.functional._tensor_rate) --------------------------------
-
-
-def _expectation_tensor_rate(prev: torch.Tensor, new: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """:func:`_expectation` with the rate in a tensor: ``p`` and ``1 - p`` (in float64, as the
-    float path computes it) rounded once to the compute dtype, which is what torch does with the
-    Python floats of the float path, so the bits agree; the ends stay exact."""
-    compute = compute_dtype(prev.dtype)
-    p = p.reshape(()).to(prev.device)
-    mixed = prev * p.to(compute) + new * (1.0 - p).to(compute)
-    return torch.where(p == 0.0, new, torch.where(p == 1.0, prev, mixed))
-
-
-def _zoneout_states_tensor_rate(
-    prev: Sequence[torch.Tensor],
-    new: Sequence[torch.Tensor],
-    rates: Sequence[torch.Tensor],
-    training: bool = True,
-    *,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """:func:`zoneout_states` with each rate a floating-point tensor of shape ``()`` or ``(1,)``.
-
-    Traced, each state's threshold is computed from its rate read at run time and compared with
-    the same draws, so the masks are the eager ones.
-    """
-    for i, rate in enumerate(rates):
-        check_probability_tensor(rate, f"rates[{i}]")
-    if not torch.compiler.is_compiling():
-        floats = [float(rate) for rate in rates]
-        return zoneout_states(prev, new, floats, training, seed=seed, generator=generator)
-    check_bool(training, "training")
-    checked = _check_states(prev, new, rates)
-    if not training:
-        return tuple(_expectation_tensor_rate(before, after, rate) for before, after, rate in checked)
-    key = resolve_key(checked[0][1], seed, generator)
-    sizes = [after.numel() for _, after, _ in checked]
-    bits = random_bits16(key, sum(sizes))
-    states = []
-    for i, ((before, after, rate), part) in enumerate(zip(checked, bits.split(sizes), strict=True)):
-        threshold, _ = rate_constants_op(rate.reshape(()), f"rates[{i}]")
-        update = (part >= threshold.to(part.device)).reshape(after.shape).to(after.device)
-        states.append(torch.where(update, after, before))
-    return tuple(states)
-
-
-register_tensor_rate_variant(zoneout_states, _zoneout_states_tensor_rate)

@@ -2,7 +2,7 @@
 
 The bits follow the contract of :mod:`dropkit.engine.masks`: element ``j`` of the mask shape reads
 the 16-bit half ``j % 2`` of Philox4x32-10 output word ``(j // 2) % 4`` at counter ``j // 8``.
-Arithmetic follows :func:`dropkit.engine.ops.masked_affine_reference`: float32 (float64 for
+Arithmetic follows :func:`dropkit.engine.reference.masked_affine`: float32 (float64 for
 float64 inputs), constants rounded once to that dtype, no fused multiply-add, one rounding to the
 output dtype.  bfloat16 and float16 travel as ``uint16`` / ``int16`` bit patterns (numba has no
 CPU half types) and are converted with exact round-to-nearest-even integer code.
@@ -42,7 +42,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from dropkit.engine.masks import drop_threshold, mask_shape
+from dropkit.engine.masks import mask_shape
+from dropkit.engine.numerics import THRESHOLD_SCALE, compute_dtype
 
 
 def _writable(directory: Path) -> bool:
@@ -83,7 +84,9 @@ import numba  # noqa: E402  (after the cache directory is chosen)
 from numba import prange, types  # noqa: E402
 from numba.extending import overload  # noqa: E402
 
-__all__ = ["SUPPORTED_DTYPES", "bias_dropout_add", "masked_affine"]
+__all__ = ["SUPPORTED_DTYPES", "bias_dropout_add", "masked_affine", "name", "philox_words", "run_parallel"]
+
+name = "numba"
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -96,7 +99,7 @@ _PM0 = np.uint64(0xD2511F53)
 _PM1 = np.uint64(0xCD9E8D57)
 _PW0 = np.uint64(0x9E3779B9)
 _PW1 = np.uint64(0xBB67AE85)
-_THRESHOLD_SCALE = 1 << 16
+_THRESHOLD_SCALE = THRESHOLD_SCALE
 
 # Row mode: 8192 elements = 1024 counters a task; the word buffer (16 KiB) stays in L1.
 _ROW_ELEMENTS = 8192
@@ -108,9 +111,10 @@ _MIN_TILE_INNER = 16
 # Below this many elements a thread launch costs more than it saves.
 _PARALLEL_MIN_ELEMENTS = 1 << 15
 
-# Layout of the int64 parameter vector handed to the kernels.
-_P_TILE_INNER, _P_TILE_RUN, _P_USE_TABLE, _P_THRESHOLD = 0, 1, 2, 3
-_P_HAS_SHIFT, _P_HAS_BIAS, _P_HAS_RESIDUAL, _P_TASKS, _P_PARTS = 4, 5, 6, 7, 8
+# Layout of the int64 parameter vector handed to the kernels (the layout of a call, cached; the
+# rate's threshold and constants are run-time arguments, so a rate schedule re-plans nothing).
+_P_TILE_INNER, _P_TILE_RUN, _P_USE_TABLE = 0, 1, 2
+_P_HAS_BIAS, _P_HAS_RESIDUAL, _P_TASKS, _P_PARTS = 3, 4, 5, 6
 # Columns of the per-dim geometry rows: size, then strides of x, bias, residual, output, mask.
 _SIZE, _XS, _BS, _RS, _YS, _MS = 0, 1, 2, 3, 4, 5
 
@@ -246,8 +250,10 @@ def _narrow_overload(v: Any, like: Any) -> Any:
 
 
 @numba.njit(cache=True, nogil=True)
-def _philox_words(words: Any, start: int, first_counter: int, count: int, key: Any) -> None:
-    """Philox4x32-10 of counters ``first_counter ..`` into ``words[start + 4*j + w]``.
+def philox_words(words: Any, start: int, first_counter: int, count: int, key: Any) -> None:
+    """Philox4x32-10 of counters ``first_counter ..`` into ``words[start + 4*j + w]`` (a numba
+    function: call it from other numba kernels that need the engine's bits, as the UCI
+    experiment's fused kernels do).
 
     ``key`` is the int64 key ``[seed, stream, step]``: Philox key ``(seed lo, seed hi)``, counter
     words 2 and 3 ``stream`` and ``step`` (the int64 -> uint64 casts keep the bits of a negative
@@ -360,6 +366,8 @@ def _run_part(
     scale: Any,
     shift: Any,
     drop: Any,
+    threshold: int,
+    has_shift: bool,
     part: int,
     parts: int,
 ) -> None:
@@ -367,8 +375,6 @@ def _run_part(
     tile_inner = params[_P_TILE_INNER]
     tile_run = params[_P_TILE_RUN]
     use_table = params[_P_USE_TABLE] != 0
-    threshold = params[_P_THRESHOLD]
-    has_shift = params[_P_HAS_SHIFT] != 0
     has_bias = params[_P_HAS_BIAS] != 0
     has_residual = params[_P_HAS_RESIDUAL] != 0
     tasks = params[_P_TASKS]
@@ -417,7 +423,7 @@ def _run_part(
                 source, ko, ks = table, mo, plane[1, _MS]
             else:
                 first = mo >> 3
-                _philox_words(words, 0, first, ((mo + nl - 1) >> 3) - first + 1, key)
+                philox_words(words, 0, first, ((mo + nl - 1) >> 3) - first + 1, key)
                 source, ko, ks = words16, mo - 8 * first, 1
             _apply(
                 x, xo, plane[1, _XS], b, bo, plane[1, _BS], r, ro, plane[1, _RS], y, yo, plane[1, _YS],
@@ -433,7 +439,7 @@ def _run_part(
             for ii in range(ni):
                 m0 = mo + ii * plane[0, _MS]
                 first = m0 >> 3
-                _philox_words(words, ii * capacity * 4, first, ((m0 + nl - 1) >> 3) - first + 1, key)
+                philox_words(words, ii * capacity * 4, first, ((m0 + nl - 1) >> 3) - first + 1, key)
                 run = words16[ii * capacity * 8 + m0 - 8 * first : ii * capacity * 8 + m0 - 8 * first + nl]
                 for ll in range(nl):
                     transposed[ll * tile_inner + ii] = run[ll]
@@ -465,16 +471,21 @@ def _launch_parallel(
     scale: Any,
     shift: Any,
     drop: Any,
+    threshold: int,
+    has_shift: bool,
 ) -> None:
     parts = params[_P_PARTS]
-    if params[_P_USE_TABLE] != 0 and 0 < params[_P_THRESHOLD] < _THRESHOLD_SCALE:
+    if params[_P_USE_TABLE] != 0 and 0 < threshold < _THRESHOLD_SCALE:
         counters = table.shape[0] // 4
         for part in prange(parts):
             first = part * counters // parts
-            _philox_words(table, 4 * first, first, (part + 1) * counters // parts - first, key)
+            philox_words(table, 4 * first, first, (part + 1) * counters // parts - first, key)
     table16 = table.view(np.uint16)
     for part in prange(parts):
-        _run_part(x, b, r, y, table16, outer, plane, params, key, scale, shift, drop, part, parts)
+        _run_part(
+            x, b, r, y, table16, outer, plane, params, key, scale, shift, drop, threshold, has_shift,
+            part, parts,
+        )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
@@ -491,11 +502,14 @@ def _launch_serial(
     scale: Any,
     shift: Any,
     drop: Any,
+    threshold: int,
+    has_shift: bool,
 ) -> None:
-    if params[_P_USE_TABLE] != 0 and 0 < params[_P_THRESHOLD] < _THRESHOLD_SCALE:
-        _philox_words(table, 0, 0, table.shape[0] // 4, key)
+    if params[_P_USE_TABLE] != 0 and 0 < threshold < _THRESHOLD_SCALE:
+        philox_words(table, 0, 0, table.shape[0] // 4, key)
     _run_part(
-        x, b, r, y, table.view(np.uint16), outer, plane, params, key, scale, shift, drop, 0, 1
+        x, b, r, y, table.view(np.uint16), outer, plane, params, key, scale, shift, drop,
+        threshold, has_shift, 0, 1,
     )  # fmt: skip
 
 
@@ -537,16 +551,14 @@ class _Recipe(NamedTuple):
     table_words: int  # uint32 words of the bits table of a broadcast mask (0: element mask)
     parallel: bool
     threads: int
-    scalars: tuple[Any, Any, Any]  # keep_scale, keep_shift, drop_value in the compute dtype
+    compute: Any  # the NumPy scalar type of the compute dtype, for the run-time constants
 
 
 def _make_recipe(
     x: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
-    p: float,
     dims: Sequence[int],
-    constants: tuple[float, float, float],
     threads: int,
 ) -> _Recipe:
     shape = list(x.shape)
@@ -567,14 +579,11 @@ def _make_recipe(
     mask_numel = math.prod(keep_shape)
     use_table = mask_numel != x.numel()
     parallel = threads > 1 and x.numel() >= _PARALLEL_MIN_ELEMENTS
-    keep_shift = constants[1]
     params = np.array(
         [
             tile_inner,
             tile_run,
             use_table,
-            drop_threshold(p),
-            keep_shift != 0.0,
             bias is not None,
             residual is not None,
             tasks,
@@ -583,10 +592,9 @@ def _make_recipe(
         dtype=np.int64,
     )
     params.flags.writeable = False
-    compute = np.float64 if x.dtype == torch.float64 else np.float32
-    scalars = (compute(constants[0]), compute(constants[1]), compute(constants[2]))
+    compute = np.float64 if compute_dtype(x.dtype) == torch.float64 else np.float32
     table_words = 4 * -(-mask_numel // 8) if use_table else 0
-    return _Recipe(outer, plane, params, table_words, parallel, threads, scalars)
+    return _Recipe(outer, plane, params, table_words, parallel, threads, compute)
 
 
 def _make_plan(
@@ -664,7 +672,7 @@ def _launch(
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
     key: torch.Tensor,
-    p: float,
+    threshold: int,
     broadcast_dims: Sequence[int],
     keep_scale: float,
     keep_shift: float,
@@ -691,17 +699,11 @@ def _launch(
         None if bias is None else bias.stride(),
         None if residual is None else residual.stride(),
         tuple(broadcast_dims),
-        p,
-        keep_scale,
-        keep_shift,
-        drop_value,
         threads,
     )
     recipe = _recipes.get(cache_key)
     if recipe is None:
-        recipe = _make_recipe(
-            x, bias, residual, p, broadcast_dims, (keep_scale, keep_shift, drop_value), threads
-        )
+        recipe = _make_recipe(x, bias, residual, broadcast_dims, threads)
         if len(_recipes) >= _MAX_RECIPES:
             _recipes.clear()
         _recipes[cache_key] = recipe
@@ -716,7 +718,11 @@ def _launch(
         recipe.plane,
         recipe.params,
         (key if key.is_contiguous() else key.contiguous()).numpy(),
-        *recipe.scalars,
+        recipe.compute(keep_scale),
+        recipe.compute(keep_shift),
+        recipe.compute(drop_value),
+        threshold,
+        keep_shift != 0.0,
     )
     if not recipe.parallel or not run_parallel(_launch_parallel, args, threads):
         _launch_serial(*args)
@@ -748,14 +754,15 @@ def run_parallel(kernel: Any, args: tuple[Any, ...], threads: int | None = None)
 def masked_affine(
     x: torch.Tensor,
     key: torch.Tensor,
-    p: float,
+    threshold: int,
     broadcast_dims: Sequence[int],
     keep_scale: float,
     keep_shift: float,
     drop_value: float,
 ) -> torch.Tensor:
-    """``where(keep, x * keep_scale [+ keep_shift], drop_value)``, the bits of the reference op."""
-    return _launch(x, None, None, key, p, broadcast_dims, keep_scale, keep_shift, drop_value)
+    """``where(keep, x * keep_scale [+ keep_shift], drop_value)``, the bits of the reference op
+    (``keep``: the 16-bit draw is at least ``threshold``)."""
+    return _launch(x, None, None, key, threshold, broadcast_dims, keep_scale, keep_shift, drop_value)
 
 
 def bias_dropout_add(
@@ -763,7 +770,7 @@ def bias_dropout_add(
     bias: torch.Tensor,
     residual: torch.Tensor,
     key: torch.Tensor,
-    p: float,
+    threshold: int,
     keep_scale: float,
 ) -> torch.Tensor:
     """``residual + where(keep, (x + bias) * keep_scale, 0)`` with one rounding to ``x.dtype``.
@@ -777,4 +784,4 @@ def bias_dropout_add(
         )
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    return _launch(x, bias, residual, key, p, (), keep_scale, 0.0, 0.0)
+    return _launch(x, bias, residual, key, threshold, (), keep_scale, 0.0, 0.0)

@@ -1,4 +1,11 @@
-"""Backend choice for dropkit's mask ops: a fused kernel where one exists, else the reference engine.
+"""Backends of dropkit's mask ops and the choice between them: a fused kernel where one exists,
+else the reference engine.
+
+A backend is anything that implements the small :class:`Backend` protocol: ``masked_affine`` and
+``bias_dropout_add`` with the rate given as an integer drop threshold and float constants, all
+run-time arguments (so a rate schedule never recompiles or re-plans anything).  The reference
+engine (:mod:`dropkit.engine.reference`), the numba kernels (:mod:`dropkit.kernels.cpu`) and the
+Triton kernels (:mod:`dropkit.kernels.triton_gpu`) each implement it as a module.
 
 Every backend reproduces the reference engine bit for bit, so the choice changes speed, never
 results.  Per device type:
@@ -28,18 +35,20 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from types import ModuleType
+from typing import Any, Protocol, cast
 
 import torch
 
-from dropkit._validation import check_bool
+from dropkit._validation import check_bool, env_flag
+from dropkit.engine import reference
 from dropkit.engine.masks import keep_mask
-from dropkit.engine.streams import _env_flag
 
 __all__ = [
     "FORCE_REFERENCE_ENV",
     "NUMBA",
     "REFERENCE",
     "TRITON",
+    "Backend",
     "KernelFallbackWarning",
     "backend_for",
     "bias_dropout_add",
@@ -55,8 +64,45 @@ FORCE_REFERENCE_ENV = "DROPKIT_FORCE_REFERENCE"
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Validated at import: a typo in the variable fails loudly instead of silently meaning "off".
-_FORCED_BY_ENVIRONMENT = _env_flag(FORCE_REFERENCE_ENV)
+_FORCED_BY_ENVIRONMENT = env_flag(FORCE_REFERENCE_ENV)
 _force_reference: ContextVar[bool] = ContextVar("dropkit_force_reference", default=_FORCED_BY_ENVIRONMENT)
+
+
+class Backend(Protocol):
+    """What a backend implements (as module-level functions): the bits of
+    :mod:`dropkit.engine.masks` and the arithmetic of :mod:`dropkit.engine.reference`, exactly.
+
+    ``threshold`` is the integer drop threshold in ``[0, 2**16]``
+    (:func:`dropkit.engine.numerics.drop_threshold`); the float constants are applied in the
+    compute dtype (:func:`dropkit.engine.numerics.compute_dtype`).
+    """
+
+    name: str
+
+    def masked_affine(
+        self,
+        x: torch.Tensor,
+        key: torch.Tensor,
+        threshold: int,
+        broadcast_dims: Sequence[int],
+        keep_scale: float,
+        keep_shift: float,
+        drop_value: float,
+    ) -> torch.Tensor:
+        """``where(keep, x * keep_scale + keep_shift, drop_value)``."""
+        ...
+
+    def bias_dropout_add(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        residual: torch.Tensor,
+        key: torch.Tensor,
+        threshold: int,
+        keep_scale: float,
+    ) -> torch.Tensor:
+        """``residual + where(keep, (x + bias) * keep_scale, 0)`` (the element mask of ``x``)."""
+        ...
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -135,16 +181,14 @@ def _check_cpu_kernels(module: ModuleType) -> None:
     """Refuse kernels whose masks differ from the reference (a miscompiling toolchain, say)."""
     key = torch.tensor([0x123456789, 7, 11], dtype=torch.int64)
     x = torch.ones(61, dtype=torch.float32)
-    got = module.masked_affine(x, key, 0.5, [], 2.0, 0.0, 0.0)
+    got = module.masked_affine(x, key, 1 << 15, [], 2.0, 0.0, 0.0)
     expected = torch.where(keep_mask(key, 0.5, [61]), 2.0, 0.0)
     if not torch.equal(got, expected):
         raise RuntimeError("self-check failed: masks differ from the reference engine")
 
 
-# ---- Backend registry.  CUDA hook: dropkit.kernels.triton_gpu must expose
-#   masked_affine(x, key, p, broadcast_dims, keep_scale, keep_shift, drop_value) -> Tensor
-#   bias_dropout_add(x, bias, residual, key, p, keep_scale) -> Tensor   (bias of shape (H,))
-# and is imported the first time a CUDA tensor reaches an op, never on CPU-only code paths.
+# ---- Backend registry.  Each kernel module implements Backend (the Triton one takes a bias over
+# the last dim only) and is imported the first time a tensor of its device reaches an op.
 _BACKENDS: dict[str, _Backend] = {
     "cpu": _Backend(NUMBA, "dropkit.kernels.cpu", _check_cpu_kernels),
     "cuda": _Backend(TRITON, "dropkit.kernels.triton_gpu", None),
@@ -176,34 +220,30 @@ def _kernels_for(x: torch.Tensor, key: torch.Tensor) -> _Backend | None:
     return backend
 
 
-def _run(
-    backend: _Backend | None, op: str, args: tuple[object, ...], reference: Callable[[], torch.Tensor]
-) -> torch.Tensor:
-    if backend is None or backend.module is None:
-        return reference()
+def _run(backend: _Backend | None, op: str, args: tuple[Any, ...]) -> torch.Tensor:
+    module = None if backend is None else backend.module
+    if backend is None or module is None:
+        return cast(torch.Tensor, getattr(reference, op)(*args))
     try:
-        result: torch.Tensor = getattr(backend.module, op)(*args)
+        return cast(torch.Tensor, getattr(module, op)(*args))
     except Exception as error:  # a kernel bug or toolchain failure must not take the model down
         backend.fail(error)
-        return reference()
-    return result
+        return cast(torch.Tensor, getattr(reference, op)(*args))
 
 
 def masked_affine(
     x: torch.Tensor,
     key: torch.Tensor,
-    p: float,
+    threshold: int,
     broadcast_dims: Sequence[int],
     keep_scale: float,
     keep_shift: float,
     drop_value: float,
-    *,
-    reference: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """``dropkit::masked_affine`` on the best backend for ``x``; ``reference()`` computes the
-    same result with the reference engine (used when no kernel applies or one fails)."""
-    args = (x, key, p, list(broadcast_dims), keep_scale, keep_shift, drop_value)
-    return _run(_kernels_for(x, key), "masked_affine", args, reference)
+    """:meth:`Backend.masked_affine` on the best backend for ``x`` (the reference engine when no
+    kernel applies, or when one fails: it is then switched off with one warning)."""
+    args = (x, key, threshold, list(broadcast_dims), keep_scale, keep_shift, drop_value)
+    return _run(_kernels_for(x, key), "masked_affine", args)
 
 
 def bias_dropout_add(
@@ -211,16 +251,14 @@ def bias_dropout_add(
     bias: torch.Tensor,
     residual: torch.Tensor,
     key: torch.Tensor,
-    p: float,
+    threshold: int,
     keep_scale: float,
-    *,
-    reference: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """``dropkit::bias_dropout_add`` on the best backend for ``x``; see :func:`masked_affine`."""
+    """:meth:`Backend.bias_dropout_add` on the best backend for ``x``; see :func:`masked_affine`."""
     backend = _kernels_for(x, key)
     if backend is not None and backend.name == TRITON and tuple(bias.shape) != tuple(x.shape[-1:]):
         backend = None  # the Triton kernel takes a bias over the last dim only
-    return _run(backend, "bias_dropout_add", (x, bias, residual, key, p, keep_scale), reference)
+    return _run(backend, "bias_dropout_add", (x, bias, residual, key, threshold, keep_scale))
 
 
 def _reset_backends() -> None:

@@ -14,7 +14,7 @@ in tiles whose row-major order is the element order (see "Device code" below for
 read in-kernel from its int64 tensor and the drop threshold and affine constants are runtime
 arguments: advancing the step neither syncs with the host nor recompiles.
 
-Arithmetic matches :func:`dropkit.engine.ops.masked_affine_reference`: float32 (float64 for
+Arithmetic matches :func:`dropkit.engine.reference.masked_affine`: float32 (float64 for
 float64 inputs), constants rounded once from Python floats to that dtype, one rounding to the
 output dtype.  The kernels are launched with ``enable_fp_fusion=False`` because a fused
 multiply-add would skip the intermediate rounding that the reference performs.
@@ -47,10 +47,12 @@ except ImportError as exc:  # pragma: no cover - exercised in a test that hides 
         "or `pip install triton`); without it dropkit runs its reference engine"
     ) from exc
 
-from dropkit.engine.masks import drop_threshold, mask_shape
-from dropkit.engine.ops import compute_dtype
+from dropkit.engine.masks import mask_shape
+from dropkit.engine.numerics import compute_dtype
 
-__all__ = ["bias_dropout_add", "launch_overrides", "masked_affine", "philox_block"]
+__all__ = ["bias_dropout_add", "launch_overrides", "masked_affine", "name", "philox_block"]
+
+name = "triton"
 
 _ELEMENTS_PER_COUNTER = 8
 # The same constant for device code, which may read module globals only as constexprs.
@@ -647,13 +649,14 @@ def philox_block(key: torch.Tensor, first: int, count: int) -> torch.Tensor:
 def masked_affine(
     x: torch.Tensor,
     key: torch.Tensor,
-    p: float,
+    threshold: int,
     broadcast_dims: Sequence[int],
     keep_scale: float,
     keep_shift: float,
     drop_value: float,
 ) -> torch.Tensor:
-    """``where(keep, x * keep_scale [+ keep_shift], drop_value)``, the bits of the reference op.
+    """``where(keep, x * keep_scale [+ keep_shift], drop_value)``, the bits of the reference op
+    (``keep``: the 16-bit draw is at least ``threshold``, a run-time kernel argument).
 
     The backward of the op is this function on the gradient with ``keep_shift = drop_value = 0``.
     """
@@ -662,7 +665,6 @@ def masked_affine(
     n = x.numel()
     if n == 0:
         return torch.empty_like(x)
-    threshold = drop_threshold(p)
     keep_shape = mask_shape(x.shape, list(broadcast_dims))
     flat = x.contiguous().view(-1)
     flat_out = torch.empty_like(flat)
@@ -747,7 +749,7 @@ def bias_dropout_add(
     bias: torch.Tensor,
     residual: torch.Tensor,
     key: torch.Tensor,
-    p: float,
+    threshold: int,
     keep_scale: float,
 ) -> torch.Tensor:
     """``residual + where(keep, (x + bias) * keep_scale, 0)`` with one rounding to ``x.dtype``.
@@ -791,7 +793,7 @@ def bias_dropout_add(
             key,
             n,
             hidden,
-            drop_threshold(p),
+            threshold,
             _float_bits(keep_scale),
             COMPUTE=_compute(x.dtype),
             BLOCK_C=block_c,

@@ -44,12 +44,14 @@ eval, so the rate must be recovered.  For an SDPA call from a selected module wi
   ``attn_dropout``, ``dropout_p``, ``attn_pdrop``, ``dropout`` of the calling module that holds
   a float in ``[0, 1]`` or a module with such a ``p``.
 
-A call with ``dropout_p > 0`` keeps its rate.  A positive rate runs attention by the math
-formula (softmax, dropkit dropout of the weights, product with the values) instead of the fused
-kernel.  If no rate is found, the call runs unchanged and :class:`AttentionDropoutNotFoundWarning`
-is issued once per module (``attention_p=0.0`` silences it).  Limits: the rate is found only on
-the module whose forward calls SDPA (not a helper module further out), and a module whose
-attention rate lives elsewhere needs ``attention_p``.
+A call with ``dropout_p > 0`` keeps its rate.  A positive rate runs attention by the explicit
+path of :func:`dropkit.functional.scaled_dot_product_attention` (its argument checks and its
+maths: float32 for half inputs, zeros for rows that attend nowhere) with dropkit dropout of the
+weights, instead of the fused kernel.  If no rate is found, the call runs unchanged and
+:class:`AttentionDropoutNotFoundWarning` is issued once per module (``attention_p=0.0``
+silences it).  Limits: the rate is found only on the module whose forward calls SDPA (not a
+helper module further out), and a module whose attention rate lives elsewhere needs
+``attention_p``.
 
 What is not caught: functions bound before the mode started (``from torch.nn.functional import
 dropout`` at the top of a third-party file), ``torch.dropout`` and other ``torch._C`` entry
@@ -57,29 +59,42 @@ points, and compiled (``torch.compile``, TorchScript) code.
 
 Randomness: outside :func:`dropkit.mc.mc_predict`, dropkit layers draw from their own streams
 and intercepted calls from dropkit's functional stream, so :func:`dropkit.manual_seed` makes
-MC-mode forwards reproducible.  Inside it, every op gets a per-sample key (see there).
+MC-mode forwards reproducible.  Inside it, every op gets a per-sample key (see there and
+:mod:`dropkit.mc.plan`).
+
+This module holds the handle; the selection rules live in :mod:`dropkit.mc.selection`, the
+patches of ``torch.nn.functional`` in :mod:`dropkit.mc.patching`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import inspect
-import math
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
-import torch.nn.functional as torch_F
 from torch import nn
 
 from dropkit import functional as dk_F
-from dropkit.engine.streams import make_key
+from dropkit.functional.attention import _attention_weights_and_values, _check_attention_args, _check_scale
+from dropkit.mc.patching import Frame, frame_stack, install_patches, remove_patches
+from dropkit.mc.plan import PlanRunner
+from dropkit.mc.selection import (
+    FAST_PATH_MODULES,
+    TORCH_DROPOUT_MODULES,
+    AttentionRate,
+    SelectorSpec,
+    attention_rate,
+    check_attention_p,
+    normalize_selector,
+    selected_modules,
+)
 from dropkit.nn._base import _RandomLayer
+from dropkit.nn.attention import ResidualDropout
 from dropkit.nn.fused import BiasDropoutAdd
 
 __all__ = [
@@ -105,294 +120,7 @@ class AttentionDropoutNotFoundWarning(MCDropoutWarning):
     """An SDPA call with ``dropout_p=0`` came from a module whose attention rate was not found."""
 
 
-Selector = Union[type, str, Callable[[str, nn.Module], bool]]  # noqa: UP007 - a runtime alias on 3.10
-SelectorSpec = Union[Selector, Sequence[Selector], None]  # noqa: UP007
-AttentionRate = Union[float, str, Callable[[nn.Module], Union[float, None]], None]  # noqa: UP007
-
-TORCH_DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-# Modules whose own training flag only picks an eval fast path (that skips dropout) and passes
-# ``training`` to functional dropout; they have no other train-mode side effect.
-_FAST_PATH_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MultiheadAttention,
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-    nn.TransformerEncoder,
-    nn.TransformerDecoder,
-    nn.Transformer,
-)
-_ATTENTION_ATTRIBUTES = (
-    "attn_drop",
-    "attention_dropout",
-    "attn_dropout",
-    "dropout_p",
-    "attn_pdrop",
-    "dropout",
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-sample keys (used by mc_predict)
-
-
-def op_stream(path: tuple[int, ...]) -> int:
-    """Stream id of the op at ``path`` (its ordinal, and the ordinals of enclosing split ops).
-
-    A top-level op (``path == (c,)``) uses stream ``c``; an op nested inside a per-sample op
-    uses a 31-bit mix of its path with the top bit set, so the two never meet.
-    """
-    if len(path) == 1:
-        return path[0]
-    value = 0x243F6A8885A308D3
-    for part in path:
-        value = ((value ^ part) * 0x100000001B3 + 0x9E3779B97F4A7C15) % (1 << 64)
-        value ^= value >> 29
-    return 0x80000000 | (value & 0x7FFFFFFF)
-
-
-@dataclass
-class _SamplingPlan:
-    """Which samples the current forward computes: ``count`` samples from ``first`` on, stacked
-    sample-major along dim 0 of every activation, under ``seed``."""
-
-    seed: int
-    first: int
-    count: int
-    path: tuple[int, ...] = ()
-    counter: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Module stack and function patches (shared by all active handles)
-
-
-@dataclass
-class _Frame:
-    module: nn.Module
-    handle: MCDropoutHandle
-    selected: bool
-    calls: int = 0
-
-
-class _ThreadState(threading.local):
-    def __init__(self) -> None:
-        self.stack: list[_Frame] = []
-
-
-_THREAD = _ThreadState()
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, MCDropoutHandle] = weakref.WeakKeyDictionary()
-_PATCH_LOCK = threading.Lock()
-_PATCH_USERS = 0
-_ORIGINALS: dict[str, Callable[..., Any]] = {}
-
-
-def _current_frame() -> _Frame | None:
-    stack = _THREAD.stack
-    if not stack:
-        return None
-    frame = stack[-1]
-    return frame if frame.selected and frame.handle.active else None
-
-
-def _dispatch_dropout(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    original = _ORIGINALS.get(name, getattr(torch_F, name))
-    frame = _current_frame()
-    if frame is None:
-        result: torch.Tensor = original(*args, **kwargs)
-        return result
-    return frame.handle._functional_dropout(name, frame, *args, **kwargs)
-
-
-def dropout(
-    input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
-) -> torch.Tensor:
-    """Stand-in for ``torch.nn.functional.dropout`` while an MC mode is active."""
-    return _dispatch_dropout("dropout", (input, p, training, inplace), {})
-
-
-def dropout1d(
-    input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
-) -> torch.Tensor:
-    """Stand-in for ``torch.nn.functional.dropout1d`` while an MC mode is active."""
-    return _dispatch_dropout("dropout1d", (input, p, training, inplace), {})
-
-
-def dropout2d(
-    input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
-) -> torch.Tensor:
-    """Stand-in for ``torch.nn.functional.dropout2d`` while an MC mode is active."""
-    return _dispatch_dropout("dropout2d", (input, p, training, inplace), {})
-
-
-def dropout3d(
-    input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
-) -> torch.Tensor:
-    """Stand-in for ``torch.nn.functional.dropout3d`` while an MC mode is active."""
-    return _dispatch_dropout("dropout3d", (input, p, training, inplace), {})
-
-
-def alpha_dropout(
-    input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False
-) -> torch.Tensor:
-    """Stand-in for ``torch.nn.functional.alpha_dropout`` while an MC mode is active."""
-    return _dispatch_dropout("alpha_dropout", (input, p, training, inplace), {})
-
-
-def feature_alpha_dropout(
-    input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False
-) -> torch.Tensor:
-    """Stand-in for ``torch.nn.functional.feature_alpha_dropout`` while an MC mode is active."""
-    return _dispatch_dropout("feature_alpha_dropout", (input, p, training, inplace), {})
-
-
-def scaled_dot_product_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
-) -> torch.Tensor:
-    """Stand-in for ``torch.nn.functional.scaled_dot_product_attention`` while an MC mode is active."""
-    original = _ORIGINALS.get("scaled_dot_product_attention", torch_F.scaled_dot_product_attention)
-    frame = _current_frame()
-    if frame is None:
-        result: torch.Tensor = original(query, key, value, *args, **kwargs)
-        return result
-    return frame.handle._attention(frame, original, query, key, value, *args, **kwargs)
-
-
-_STAND_INS: dict[str, Callable[..., torch.Tensor]] = {
-    "dropout": dropout,
-    "dropout1d": dropout1d,
-    "dropout2d": dropout2d,
-    "dropout3d": dropout3d,
-    "alpha_dropout": alpha_dropout,
-    "feature_alpha_dropout": feature_alpha_dropout,
-    "scaled_dot_product_attention": scaled_dot_product_attention,
-}
-
-
-def stand_in_for(function: object) -> Callable[..., torch.Tensor] | None:
-    """The stand-in of a ``torch.nn.functional`` dropout/attention function, else ``None``.
-
-    Used to rewrite traced graphs, whose nodes hold the function objects seen at trace time.
-    """
-    for name, stand_in in _STAND_INS.items():
-        if function is _ORIGINALS.get(name, getattr(torch_F, name)) or function is stand_in:
-            return stand_in
-    return None
-
-
-def _install_patches() -> None:
-    global _PATCH_USERS
-    with _PATCH_LOCK:
-        if _PATCH_USERS == 0:
-            for name, stand_in in _STAND_INS.items():
-                current = getattr(torch_F, name)
-                if current is not stand_in:
-                    _ORIGINALS[name] = current
-                    setattr(torch_F, name, stand_in)
-        _PATCH_USERS += 1
-
-
-def _remove_patches() -> None:
-    global _PATCH_USERS
-    with _PATCH_LOCK:
-        _PATCH_USERS -= 1
-        if _PATCH_USERS == 0:
-            for name, stand_in in _STAND_INS.items():
-                # Restore only what is still ours; a later patch by someone else stays (our
-                # stand-in underneath passes every call through once no mode is active).
-                if getattr(torch_F, name) is stand_in and name in _ORIGINALS:
-                    setattr(torch_F, name, _ORIGINALS[name])
-
-
-# ---------------------------------------------------------------------------------------------
-# Selection
-
-
-def _normalize_selector(spec: SelectorSpec, name: str) -> list[Selector] | None:
-    if spec is None:
-        return None
-    if isinstance(spec, (type, str)) or callable(spec):
-        items: list[Any] = [spec]
-    elif isinstance(spec, (list, tuple, set, frozenset)):
-        items = list(spec)
-    else:
-        raise TypeError(
-            f"{name} must be a module type, a name pattern, a predicate or a list of these, "
-            f"got {type(spec).__name__} ({spec!r})"
-        )
-    for item in items:
-        if not (isinstance(item, (type, str)) or callable(item)):
-            raise TypeError(
-                f"{name} must be a module type, a name pattern, a predicate or a list of these, "
-                f"got {type(item).__name__} ({item!r})"
-            )
-        if isinstance(item, type) and not issubclass(item, nn.Module):
-            raise TypeError(f"{name} types must be torch.nn.Module subclasses, got {item.__name__}")
-    return items
-
-
-def _matches(selectors: list[Selector], name: str, module: nn.Module) -> bool:
-    for item in selectors:
-        if isinstance(item, type):
-            if isinstance(module, item):
-                return True
-        elif isinstance(item, str):
-            if fnmatch.fnmatchcase(name, item):
-                return True
-        elif item(name, module):
-            return True
-    return False
-
-
-def _selected_modules(
-    model: nn.Module, include: list[Selector] | None, exclude: list[Selector] | None
-) -> dict[nn.Module, bool]:
-    """``module -> selected`` for every module of ``model`` (inherited down the tree)."""
-    result: dict[nn.Module, bool] = {}
-
-    def visit(name: str, module: nn.Module, included: bool, excluded: bool) -> None:
-        if module in result:
-            return
-        included = included or include is None or _matches(include, name, module)
-        excluded = excluded or (exclude is not None and _matches(exclude, name, module))
-        result[module] = included and not excluded
-        for child_name, child in module.named_children():
-            visit(f"{name}.{child_name}" if name else child_name, child, included, excluded)
-
-    visit("", model, False, False)
-    return result
-
-
-def _rate_of(value: object) -> float | None:
-    if isinstance(value, nn.Module):
-        value = getattr(value, "p", None)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    rate = float(value)
-    return rate if 0.0 <= rate <= 1.0 else None
-
-
-def _check_attention_p(attention_p: object) -> AttentionRate:
-    if attention_p is None or isinstance(attention_p, str) or callable(attention_p):
-        return attention_p
-    if isinstance(attention_p, bool) or not isinstance(attention_p, (int, float)):
-        raise TypeError(
-            f"attention_p must be a float, an attribute name, a callable or None, got "
-            f"{type(attention_p).__name__} ({attention_p!r})"
-        )
-    rate = float(attention_p)
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"attention_p must be in [0, 1], got {attention_p}")
-    return rate
-
-
-# ---------------------------------------------------------------------------------------------
-# The handle
 
 
 @dataclass
@@ -425,19 +153,19 @@ class MCDropoutHandle:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        include_list = _normalize_selector(include, "include")
-        exclude_list = _normalize_selector(exclude, "exclude")
-        self.attention_p = _check_attention_p(attention_p)
+        include_list = normalize_selector(include, "include")
+        exclude_list = normalize_selector(exclude, "exclude")
+        self.attention_p = check_attention_p(attention_p)
         self.model = model
         self.active = False
         self.modules: list[str] = []
         self.intercepted_calls = 0
         self.ops = 0  # every op turned on: dropkit layer calls and intercepted calls
-        self._plan: _SamplingPlan | None = None
+        self._plans = PlanRunner()
         self._measure: list[int] | None = None
         self._warned_attention: set[int] = set()
         self._saved = _Saved()
-        self._selected = _selected_modules(model, include_list, exclude_list)
+        self._selected = selected_modules(model, include_list, exclude_list)
         for module in self._selected:
             if module in _ACTIVE:
                 raise RuntimeError(
@@ -451,12 +179,12 @@ class MCDropoutHandle:
         names = {module: name for name, module in self.model.named_modules()}
         saved = self._saved
         try:
-            _install_patches()
+            install_patches()
             self.active = True
             for module, selected in self._selected.items():
                 _ACTIVE[module] = self
                 saved.flags[module] = module.training
-                turn_on = selected and isinstance(module, (_RandomLayer, *_FAST_PATH_MODULES))
+                turn_on = selected and isinstance(module, (_RandomLayer, *FAST_PATH_MODULES))
                 module.training = turn_on
                 if selected and isinstance(module, _RandomLayer):
                     saved.forwards[module] = ("forward" in module.__dict__, module.__dict__.get("forward"))
@@ -495,11 +223,12 @@ class MCDropoutHandle:
             module.training = flag
             if _ACTIVE.get(module) is self:
                 del _ACTIVE[module]
-        _THREAD.stack[:] = [frame for frame in _THREAD.stack if frame.handle is not self]
+        stack = frame_stack()
+        stack[:] = [frame for frame in stack if frame.handle is not self]
         saved.hooks.clear()
         saved.forwards.clear()
         saved.flags.clear()
-        _remove_patches()
+        remove_patches()
         if warn and not self.modules and self.intercepted_calls == 0:
             warnings.warn(
                 f"MC dropout mode on {type(self.model).__name__} turned nothing on: no dropout module "
@@ -518,12 +247,12 @@ class MCDropoutHandle:
 
     def _make_pre_hook(self, selected: bool) -> Callable[[nn.Module, Any], None]:
         def pre_hook(module: nn.Module, args: Any) -> None:
-            _THREAD.stack.append(_Frame(module, self, selected))
+            frame_stack().append(Frame(module, self, selected))
 
         return pre_hook
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        stack = _THREAD.stack
+        stack = frame_stack()
         if stack and stack[-1].module is module and stack[-1].handle is self:
             stack.pop()
         if self._measure is not None and isinstance(output, torch.Tensor) and not any(module.children()):
@@ -532,24 +261,20 @@ class MCDropoutHandle:
     @contextlib.contextmanager
     def inside(self, module: nn.Module) -> Iterator[None]:
         """Run the block as if inside ``module``'s forward (for code lifted out of it, e.g. by fx)."""
-        _THREAD.stack.append(_Frame(module, self, self._selected.get(module, False)))
+        frame_stack().append(Frame(module, self, self._selected.get(module, False)))
         try:
             yield
         finally:
-            stack = _THREAD.stack
+            stack = frame_stack()
             if stack and stack[-1].module is module:
                 stack.pop()
 
     # -- sampling plans (mc_predict) -----------------------------------------------------------
 
-    @contextlib.contextmanager
-    def sampling(self, seed: int, first: int, count: int) -> Iterator[None]:
-        """Compute samples ``first .. first + count - 1`` of seed ``seed`` (stacked along dim 0)."""
-        previous, self._plan = self._plan, _SamplingPlan(seed, first, count)
-        try:
-            yield
-        finally:
-            self._plan = previous
+    def sampling(self, seed: int, first: int, count: int) -> contextlib.AbstractContextManager[None]:
+        """Compute samples ``first .. first + count - 1`` of seed ``seed`` (stacked along dim 0);
+        see :mod:`dropkit.mc.plan`."""
+        return self._plans.sampling(seed, first, count)
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[list[int]]:
@@ -569,57 +294,22 @@ class MCDropoutHandle:
     ) -> torch.Tensor:
         """Run one op: in a sampling plan, once per sample with that sample's key; else as is."""
         self.ops += 1
-        plan = self._plan
-        if plan is None:
-            output = call(args, None)
-        else:
-            ordinal = plan.counter
-            plan.counter += 1
-            path = (*plan.path, ordinal)
-            stream = op_stream(path)
-            if plan.count == 1:
-                output = self._one_sample(call, args, plan, path, stream, plan.first)
-            else:
-                lead = args[split[0]].shape[0] if args[split[0]].dim() else 0
-                if lead == 0 or lead % plan.count:
-                    raise RuntimeError(
-                        f"{what} got an input of shape {tuple(args[split[0]].shape)} during batched MC "
-                        f"sampling of {plan.count} samples: the leading dim must stack the samples "
-                        "(sample-major batch first); use chunk_size=1 for this model"
-                    )
-                pieces = {i: args[i].split(lead // plan.count) for i in split}
-                outputs = []
-                for index in range(plan.count):
-                    piece_args = list(args)
-                    for i in split:
-                        piece_args[i] = pieces[i][index]
-                    outputs.append(self._one_sample(call, piece_args, plan, path, stream, plan.first + index))
-                output = torch.cat(outputs)
+        output = self._plans.run(call, args, split, what)
         if self._measure is not None:
             self._measure[0] += output.nelement() * output.element_size()
         return output
-
-    def _one_sample(
-        self,
-        call: Callable[[list[Any], torch.Tensor | None], torch.Tensor],
-        args: list[Any],
-        plan: _SamplingPlan,
-        path: tuple[int, ...],
-        stream: int,
-        sample: int,
-    ) -> torch.Tensor:
-        key = make_key(plan.seed, stream, sample)
-        self._plan = _SamplingPlan(plan.seed, sample, 1, path)
-        try:
-            return call(args, key)
-        finally:
-            self._plan = plan
 
     # -- the ops -------------------------------------------------------------------------------
 
     def _wrap_random_layer(self, module: _RandomLayer) -> Callable[..., Any]:
         forward = module.forward
-        split = (0, 2) if isinstance(module, BiasDropoutAdd) else (0,)
+        # The batch-shaped arguments: the input, and the residual of the fused residual op.
+        if isinstance(module, BiasDropoutAdd):  # deprecated: (input, bias, residual)
+            split: tuple[int, ...] = (0, 2)
+        elif isinstance(module, ResidualDropout):  # (input, residual, bias)
+            split = (0, 1)
+        else:
+            split = (0,)
         what = type(module).__name__
 
         try:
@@ -642,10 +332,11 @@ class MCDropoutHandle:
 
         return mc_forward
 
-    def _functional_dropout(
-        self, name: str, frame: _Frame, input: torch.Tensor, p: float, training: bool, inplace: bool
+    def intercept_dropout(
+        self, name: str, frame: Frame, input: torch.Tensor, p: float, training: bool, inplace: bool
     ) -> torch.Tensor:
-        del training  # turned on whatever the caller passed: that is the point of the mode
+        """Run an intercepted ``torch.nn.functional`` dropout call (``name``) on dropkit's engine."""
+        del frame, training  # turned on whatever the caller passed: that is the point of the mode
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name} expects a tensor input, got {type(input).__name__}")
         if name == "dropout2d" and input.dim() == 3:
@@ -662,27 +353,9 @@ class MCDropoutHandle:
                 return input.copy_(output)
         return output
 
-    def _attention_rate(self, module: nn.Module) -> float | None:
-        spec = self.attention_p
-        if isinstance(spec, float):
-            return spec
-        if isinstance(spec, str):
-            value: Any = module
-            for part in spec.split("."):
-                value = getattr(value, part, None)
-            return _rate_of(value)
-        if spec is not None:
-            rate = spec(module)
-            return None if rate is None else _rate_of(rate)
-        for attribute in _ATTENTION_ATTRIBUTES:
-            rate = _rate_of(getattr(module, attribute, None))
-            if rate is not None:
-                return rate
-        return None
-
-    def _attention(
+    def intercept_attention(
         self,
-        frame: _Frame,
+        frame: Frame,
         original: Callable[..., torch.Tensor],
         query: torch.Tensor,
         key: torch.Tensor,
@@ -693,9 +366,12 @@ class MCDropoutHandle:
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
+        """Run an intercepted SDPA call: with the rate found (see :mod:`dropkit.mc.mode`) by the
+        maths of :func:`dropkit.functional.scaled_dot_product_attention`, the weights dropped
+        with this op's keys; with none, by ``original`` (torch's function) unchanged."""
         rate: float | None = float(dropout_p)
         if dropout_p == 0.0:
-            rate = self._attention_rate(frame.module)
+            rate = attention_rate(self.attention_p, frame.module)
             if rate is None:
                 if id(frame.module) not in self._warned_attention:
                     self._warned_attention.add(id(frame.module))
@@ -709,41 +385,17 @@ class MCDropoutHandle:
                 rate = 0.0
         if rate is None or rate == 0.0:
             return original(query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
+        query, key, value = _check_attention_args(query, key, value, attn_mask, is_causal, enable_gqa)
+        weights, values = _attention_weights_and_values(
+            query, key, value, attn_mask, is_causal, _check_scale(scale), enable_gqa
+        )
         self.intercepted_calls += 1
-        weights = _attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa)
 
         def call(call_args: list[Any], sample_key: torch.Tensor | None) -> torch.Tensor:
             return dk_F.dropout(call_args[0], rate, True, False, seed=sample_key)
 
         weights = self._per_sample(call, [weights], (0,), "scaled_dot_product_attention")
-        if enable_gqa and key.dim() >= 3 and value.size(-3) != query.size(-3):
-            value = value.repeat_interleave(query.size(-3) // value.size(-3), dim=-3)
-        return weights @ value
-
-
-def _attention_weights(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-) -> torch.Tensor:
-    """``softmax(q kᵀ · scale + mask)``: the attention weights that SDPA's dropout acts on."""
-    length, source = query.size(-2), key.size(-2)
-    factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    if enable_gqa and key.dim() >= 3 and key.size(-3) != query.size(-3):
-        key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
-    scores = query @ key.transpose(-2, -1) * factor
-    if is_causal:
-        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    return torch.softmax(scores, dim=-1)
+        return torch.matmul(weights, values).to(query.dtype)  # as the functional's explicit path
 
 
 def active_handle(model: nn.Module) -> MCDropoutHandle | None:

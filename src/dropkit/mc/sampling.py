@@ -17,7 +17,7 @@ outputs of one single-sample forward (the first chunk).
 **Reproducibility.**  Sample ``t`` uses, for its ``c``-th stochastic op (in execution order,
 counted from 0 in each forward), the key ``dropkit.make_key(seed, c, t)``; an op nested inside a
 per-sample op (a dropout inside a :class:`dropkit.nn.StochasticDepth` block) uses a stream
-mixed from both ordinals (:func:`dropkit.mc.mode.op_stream`).  A batched op is run once per
+mixed from both ordinals (:func:`dropkit.mc.plan.op_stream`).  A batched op is run once per
 sample on its rows, with that sample's key, so the samples do not depend on the chunk size:
 the same ``seed`` gives the same samples with ``chunk_size=1``, ``chunk_size=T`` or any memory
 budget, with or without the trunk cache.  This covers dropkit's layers, ``torch.nn`` dropout
@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from dropkit.engine.streams import _check_seed, draw_functional_key
-from dropkit.mc.mode import AttentionRate, MCDropoutHandle, SelectorSpec, active_handle
+from dropkit.mc.mode import MCDropoutHandle, active_handle
+from dropkit.mc.selection import AttentionRate, SelectorSpec
 from dropkit.mc.streaming import MCSummary
 from dropkit.mc.trunk import TrunkSplit, split_trunk, user_trunk
 

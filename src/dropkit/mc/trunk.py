@@ -30,7 +30,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from dropkit.mc.mode import MCDropoutHandle, stand_in_for
+from dropkit.mc.mode import MCDropoutHandle
+from dropkit.mc.patching import stand_in_for
 
 __all__ = ["TrunkSplit", "split_trunk"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import torch
 from torch import nn
@@ -11,7 +11,6 @@ from torch import nn
 from dropkit._validation import check_bool, check_probability
 from dropkit.engine.streams import allocate_stream, draw_key, register_step_owner
 from dropkit.functional._common import SeedLike
-from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
 
 
 def _mirror_rate(module: object, name: str, value: float) -> None:
@@ -25,6 +24,41 @@ def _mirror_rate(module: object, name: str, value: float) -> None:
         holder.fill_(value)  # in place: compiled graphs hold this tensor as an input
 
 
+class RateAttribute:
+    """A rate of a random layer (``p``, ``std``, ``cell_p``): a float, validated on every
+    assignment by ``check`` and mirrored in place into ``<name>_tensor``, a float64 CPU tensor of
+    shape ``(1,)`` that the layer passes to its functional op.
+
+    The op reads the holder's value when it runs, eagerly and in a compiled graph alike, so one
+    code path serves both and assigning the rate between calls of a ``torch.compile``-d model (a
+    rate schedule) neither recompiles nor specializes the graph.  The holder is a plain attribute:
+    not a buffer, not in ``state_dict``, not moved or cast by ``.to()``; not 0-dim, which dynamo
+    would turn into a symbolic float.
+    """
+
+    def __init__(self, check: Callable[[object, str], float] = check_probability, doc: str = "") -> None:
+        self.check = check
+        self.__doc__ = doc or "The rate, in ``[0, 1]``."
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, module: None, owner: type | None = None) -> RateAttribute: ...
+
+    @overload
+    def __get__(self, module: object, owner: type | None = None) -> float: ...
+
+    def __get__(self, module: object | None, owner: type | None = None) -> float | RateAttribute:
+        if module is None:
+            return self
+        value: float = module.__dict__[f"_{self.name}"]
+        return value
+
+    def __set__(self, module: object, value: object) -> None:
+        _mirror_rate(module, self.name, self.check(value, self.name))
+
+
 class _RandomLayer(nn.Module):
     """A module that owns an RNG stream and a step counter.
 
@@ -33,13 +67,20 @@ class _RandomLayer(nn.Module):
     ``.to(device)`` but stays out of ``state_dict`` (a dropkit model loads checkpoints of the same
     model built with ``torch.nn`` dropout, and vice versa).
 
-    ``_tensor_rates`` names the float rates a layer mirrors into ``<name>_tensor`` holders (see
-    :class:`_ProbabilityRate`); :meth:`_rate_is_graph_input` says which of them a compiled
-    forward reads from the holder, so that assigning them never recompiles.
+    Its rates are :class:`RateAttribute` s; ``_tensor_rates`` lists them (collected per class), and
+    :meth:`_rate_is_graph_input` says which of them a compiled forward reads from the holder, so
+    that assigning them never recompiles: all of them unless a layer says otherwise.
     """
 
     rng_step: torch.Tensor
     _tensor_rates: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._tensor_rates = tuple(
+            name for klass in reversed(cls.__mro__) for name, value in vars(klass).items()
+            if isinstance(value, RateAttribute)
+        )  # fmt: skip
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,6 +91,11 @@ class _RandomLayer(nn.Module):
     def reset_rng_step(self) -> None:
         with torch.no_grad():
             self.rng_step.zero_()
+
+    def rate_tensor(self, name: str = "p") -> torch.Tensor:
+        """The one-element float64 holder of the rate ``name`` (what the forward passes to its op)."""
+        holder: torch.Tensor = self.__dict__[f"{name}_tensor"]
+        return holder
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name in type(self)._tensor_rates:
@@ -73,24 +119,11 @@ class _RandomLayer(nn.Module):
 
 class _UnaryRandomLayer(_RandomLayer):
     """A layer of one input that wraps a functional op, called as
-    ``op(input, rate, training, inplace, *, seed=, generator=, **self._options())``."""
+    ``op(input, rate_tensor, training, inplace, *, seed=, generator=, **self._options())``."""
 
     _functional: ClassVar[Callable[..., torch.Tensor]]
-    _tensor_rate_functional: ClassVar[Callable[..., torch.Tensor] | None] = None
+    _rate_name: ClassVar[str] = "p"
     inplace: bool
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # The variant of the functional that takes the rate as a tensor, where there is one.
-        functional = getattr(cls, "_functional", None)
-        cls._tensor_rate_functional = None if functional is None else TENSOR_RATE_VARIANTS.get(functional)
-
-    def _rate(self) -> float:
-        raise NotImplementedError(f"{type(self).__name__} must define _rate")
-
-    def _rate_tensor(self) -> torch.Tensor:
-        """The one-element float64 holder that mirrors :meth:`_rate`."""
-        raise NotImplementedError(f"{type(self).__name__} must define _rate_tensor")
 
     def _options(self) -> dict[str, Any]:
         """Keyword options of the functional op besides the rate and the randomness."""
@@ -102,10 +135,9 @@ class _UnaryRandomLayer(_RandomLayer):
         """Apply the layer; ``seed`` (int or key) or ``generator`` fix the randomness of this call."""
         if self.training:
             seed = self._key(input, seed, generator)
-        functional, rate = self._functional_and_rate()
-        return functional(
+        return type(self)._functional(
             input,
-            rate,
+            self.rate_tensor(self._rate_name),
             self.training,
             self.inplace,
             seed=seed,
@@ -113,57 +145,21 @@ class _UnaryRandomLayer(_RandomLayer):
             **self._options(),
         )
 
-    def _functional_and_rate(self) -> tuple[Callable[..., torch.Tensor], float | torch.Tensor]:
-        """The op this call runs and its rate argument: the tensor-rate variant and the holder
-        while ``torch.compile`` traces (a graph input: a new rate needs no recompilation), the
-        functional and the float otherwise."""
-        variant = type(self)._tensor_rate_functional
-        if variant is not None and torch.compiler.is_compiling():
-            return variant, self._rate_tensor()
-        return type(self)._functional, self._rate()
-
-    def _rate_is_graph_input(self, attribute: str) -> bool:
-        return super()._rate_is_graph_input(attribute) and type(self)._tensor_rate_functional is not None
-
 
 class _ProbabilityRate:
-    """Mixin for a :class:`_RandomLayer`: ``p`` as a float property, validated on every assignment
-    and mirrored in place into ``p_tensor``, a float64 CPU tensor of shape ``(1,)``.
+    """Mixin for a :class:`_RandomLayer` whose rate is a probability ``p`` (a :class:`RateAttribute`)."""
 
-    ``p_tensor`` is a plain attribute: not a buffer, not in ``state_dict``, not moved or cast by
-    ``.to()``; not 0-dim, which dynamo would turn into a symbolic float.  A compiled forward
-    passes it to the tensor-rate variant of the layer's functional (see
-    :mod:`dropkit.functional._tensor_rate`), which reads it when the graph runs.
-    """
-
-    _tensor_rates: ClassVar[tuple[str, ...]] = ("p",)
-    _p: float
+    p = RateAttribute()
     p_tensor: torch.Tensor
-
-    @property
-    def p(self) -> float:
-        """The rate, in ``[0, 1]``."""
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        _mirror_rate(self, "p", check_probability(value))
 
 
 class _DropoutBase(_ProbabilityRate, _UnaryRandomLayer):
     """Holds and validates ``p`` and ``inplace``; subclasses add their own options.
 
-    ``p`` is a float property mirrored into ``p_tensor`` (see :class:`_ProbabilityRate`).  Every
-    subclass's functional has a tensor-rate variant (``Dropout``, ``Dropout1d/2d/3d``,
-    ``AlphaDropout``, ``FeatureAlphaDropout``, ``GaussianDropout``, ``DropBlock1d/2d/3d``,
-    ``DropPath``), so a compiled forward reads ``p_tensor`` as a graph input and assigning ``p``
-    between calls of a ``torch.compile``-d model (a rate schedule) changes the rate without
-    recompiling, with the eager masks and outputs bit for bit; eager forwards use the float.
-    Outside this family ``GaussianNoise`` (its ``std``), ``ResidualDropout``,
-    ``BiasDropoutAdd``, ``ScaledDotProductAttention`` (engine path), ``StochasticDepth``,
-    ``LockedDropout`` (tensor input), ``EmbeddingDropout``, ``WeightDrop``, ``DropConnect`` and
-    ``ZoneoutCell`` (``p`` and ``cell_p``) do the same; ``LayerDrop`` cannot (its skipped layers are a Python
-    branch) and keeps a float.
+    ``p`` is a :class:`RateAttribute`: the forward passes its holder ``p_tensor`` to the
+    functional op, which reads it when it runs, so assigning ``p`` between calls of a
+    ``torch.compile``-d model (a rate schedule) changes the rate without recompiling, with the
+    eager masks and outputs bit for bit.
     """
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
@@ -173,12 +169,6 @@ class _DropoutBase(_ProbabilityRate, _UnaryRandomLayer):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"
-
-    def _rate(self) -> float:
-        return self.p
-
-    def _rate_tensor(self) -> torch.Tensor:
-        return self.p_tensor
 
 
 class _ChannelDropoutBase(_DropoutBase):

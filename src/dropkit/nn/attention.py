@@ -9,7 +9,6 @@ import torch
 
 from dropkit._validation import check_bool
 from dropkit.functional._common import SeedLike
-from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
 from dropkit.functional.attention import residual_dropout, scaled_dot_product_attention
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 from dropkit.nn.dropout import Dropout
@@ -83,12 +82,14 @@ class ResidualDropout(_ProbabilityRate, _RandomLayer):
     dropout" of Vaswani et al.: applied to the output of every attention and feed-forward
     sub-layer before it is added to the sub-layer input (and normalized, in post-LN blocks).
     Pass the last linear layer's ``bias`` separately (compute the layer as
-    ``F.linear(h, weight)``) to take the fused path of :class:`dropkit.nn.BiasDropoutAdd`: bias
-    add, dropout and residual add in one pass, with no mask kept for backward.  Without a bias the
-    result is ``residual + dropkit.functional.dropout(x)``.  The mask is the one
-    :class:`dropkit.nn.Dropout` draws for ``x + b`` with the same key.  Under ``torch.compile``
-    the rate is read from ``p_tensor`` when the graph runs (fused path included), so assigning
-    ``p`` between calls does not recompile.
+    ``F.linear(h, weight)``) to take the fused path (Megatron-LM's bias-dropout-add): bias add,
+    dropout and residual add in one pass, computed in float32 (float64 for float64 input) and
+    rounded once, with no mask kept for backward.  Without a bias the result is
+    ``residual + dropkit.functional.dropout(x)``.  This is the one module of that operation:
+    the deprecated :class:`dropkit.nn.BiasDropoutAdd` is it with the former argument order.
+    The mask is the one :class:`dropkit.nn.Dropout` draws for ``x + b`` with the same key.
+    Under ``torch.compile`` the rate is read from ``p_tensor`` when the graph runs (fused path
+    included), so assigning ``p`` between calls does not recompile.
 
     Args:
         p: probability of an element of the sub-layer output being zeroed, in ``[0, 1]``.
@@ -139,13 +140,8 @@ class ResidualDropout(_ProbabilityRate, _RandomLayer):
         """``residual + dropout(input + bias)``; ``seed`` or ``generator`` fix this call's mask."""
         if self.training:
             seed = self._key(input, seed, generator)
-        if torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
-            variant = TENSOR_RATE_VARIANTS[residual_dropout]
-            return variant(
-                input, residual, self.p_tensor, self.training, bias=bias, seed=seed, generator=generator
-            )
         return residual_dropout(
-            input, residual, self.p, self.training, bias=bias, seed=seed, generator=generator
+            input, residual, self.p_tensor, self.training, bias=bias, seed=seed, generator=generator
         )
 
 
@@ -244,27 +240,18 @@ class ScaledDotProductAttention(_ProbabilityRate, _RandomLayer):
         """Attend ``query`` to ``key``/``value``; ``seed`` or ``generator`` fix this call's mask."""
         if self.training and self.use_engine:
             seed = self._key(query, seed, generator)
-            if torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
-                variant = TENSOR_RATE_VARIANTS[scaled_dot_product_attention]
-                return variant(
-                    query,
-                    key,
-                    value,
-                    attn_mask,
-                    self.p_tensor,
-                    is_causal,
-                    scale,
-                    enable_gqa,
-                    training=True,
-                    seed=seed,
-                    generator=generator,
-                )
+        # dropkit's engine reads the holder when the op runs (a compiled graph does not recompile
+        # when p changes); torch's fused kernel takes a float, and so does an eager call at
+        # p = 0, which then keeps torch's fused kernel instead of materialising the weights.
+        rate: float | torch.Tensor = self.p_tensor
+        if not self.use_engine or (self.p == 0.0 and not torch.compiler.is_compiling()):
+            rate = self.p
         return scaled_dot_product_attention(
             query,
             key,
             value,
             attn_mask,
-            self.p,
+            rate,
             is_causal,
             scale,
             enable_gqa,

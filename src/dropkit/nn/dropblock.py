@@ -2,29 +2,68 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 
+from dropkit._deprecation import warn_deprecated
 from dropkit._validation import check_bool
 from dropkit.functional.dropblock import _check_block_size, drop_block1d, drop_block2d, drop_block3d
 from dropkit.nn._base import _DropoutBase
 
 __all__ = ["DropBlock1d", "DropBlock2d", "DropBlock3d"]
 
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def _accept_positional_block_size(init: _Init) -> _Init:
+    """Accept, for one release, the former order ``(p, block_size, inplace)``: an int (not a bool)
+    in the ``inplace`` slot is the old positional ``block_size`` and a third positional argument
+    the old positional ``inplace``, with a DeprecationWarning."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) >= 2 and isinstance(args[1], int) and not isinstance(args[1], bool):
+            name = type(self).__name__
+            if "block_size" in kwargs:
+                raise TypeError(f"{name}() got block_size by position and by keyword")
+            if len(args) > 3:
+                raise TypeError(f"{name}() takes at most 3 positional arguments, got {len(args)}")
+            kwargs["block_size"] = args[1]
+            if len(args) == 3:
+                if "inplace" in kwargs:
+                    raise TypeError(f"{name}() got inplace by position and by keyword")
+                kwargs["inplace"] = args[2]
+            warn_deprecated(
+                f"{name}(p, block_size, inplace) is deprecated and will be removed in the next "
+                f"release; the order is now {name}(p, inplace, *, block_size=...): pass "
+                f"block_size={args[1]!r} by keyword",
+                stacklevel=2,
+            )
+            args = args[:1]
+        init(self, *args, **kwargs)
+
+    return cast(_Init, wrapper)
+
 
 class _DropBlockBase(_DropoutBase):
-    """Holds ``block_size`` and the layout / mask options shared by the three ranks."""
+    """Holds ``block_size`` and the layout / mask options shared by the three ranks.
+
+    The arguments are ordered as every module's, ``(p, inplace, *, options)``, and as the
+    functionals' ``drop_block*d(input, p, training, inplace, *, block_size, ...)``.
+    """
 
     _functional: ClassVar[Callable[..., torch.Tensor]]
 
+    @_accept_positional_block_size
     def __init__(
         self,
         p: float = 0.1,
-        block_size: int = 7,
         inplace: bool = False,
         *,
+        block_size: int = 7,
         channels_last: bool = False,
         shared_channels: bool = False,
         per_sample_renorm: bool = False,
@@ -38,7 +77,7 @@ class _DropBlockBase(_DropoutBase):
         self.exact_rate = check_bool(exact_rate, "exact_rate")
 
     def extra_repr(self) -> str:
-        extra = f"p={self.p}, block_size={self.block_size}, inplace={self.inplace}"
+        extra = f"p={self.p}, inplace={self.inplace}, block_size={self.block_size}"
         for name in ("channels_last", "shared_channels", "per_sample_renorm", "exact_rate"):
             if getattr(self, name):
                 extra += f", {name}=True"
@@ -65,8 +104,9 @@ class DropBlock1d(_DropBlockBase):
 
     Args:
         p: target fraction of dropped units (``1 - keep_prob`` of the paper). Default: 0.1
-        block_size: block length :math:`b`, clamped to ``L`` for shorter inputs. Default: 7
         inplace: write the result into the input. Default: ``False``
+        block_size: block length :math:`b`, clamped to ``L`` for shorter inputs (keyword-only;
+            see :class:`DropBlock2d` for the former positional order). Default: 7
         channels_last: the channel axis is the last one, ``(N, L, C)``. Default: ``False``
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``
@@ -130,10 +170,17 @@ class DropBlock2d(_DropBlockBase):
     :math:`\gamma` (formula or bisection) is computed from ``p_tensor`` when the graph runs, so
     ramping ``p`` (:class:`dropkit.schedules.DropBlockRamp`) does not recompile the model.
 
+    The arguments follow every module's order, ``(p, inplace, *, options)``, and the
+    functional's (``block_size`` is keyword-only in both).  The former order
+    ``DropBlock2d(p, block_size, inplace)`` is accepted for one release with a
+    ``DeprecationWarning``: an int (not a bool) in the ``inplace`` slot is read as the old
+    positional ``block_size``, and a third positional argument as ``inplace``.
+
     Args:
         p: target fraction of dropped units (``1 - keep_prob`` of the paper). Default: 0.1
-        block_size: side :math:`b` of the square block, clamped to each axis. Default: 7
         inplace: write the result into the input. Default: ``False``
+        block_size: side :math:`b` of the square block, clamped to each axis (keyword-only).
+            Default: 7
         channels_last: the channel axis is the last one, ``(N, H, W, C)``. Default: ``False``
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``
@@ -154,7 +201,7 @@ class DropBlock2d(_DropBlockBase):
         >>> from dropkit.nn.dropblock import DropBlock2d
         >>> m = DropBlock2d(p=0.1, block_size=7)
         >>> m
-        DropBlock2d(p=0.1, block_size=7, inplace=False)
+        DropBlock2d(p=0.1, inplace=False, block_size=7)
         >>> x = torch.ones(2, 4, 32, 32)
         >>> y = m(x, seed=0)
         >>> y.shape
@@ -179,8 +226,9 @@ class DropBlock3d(_DropBlockBase):
 
     Args:
         p: target fraction of dropped units (``1 - keep_prob`` of the paper). Default: 0.1
-        block_size: side of the cubic block, clamped to each axis. Default: 7
         inplace: write the result into the input. Default: ``False``
+        block_size: side of the cubic block, clamped to each axis (keyword-only; see
+            :class:`DropBlock2d` for the former positional order). Default: 7
         channels_last: the channel axis is the last one, ``(N, D, H, W, C)``. Default: ``False``
         shared_channels: one mask per sample shared by all channels (timm's default, not the
             paper's). Default: ``False``

@@ -10,11 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropkit._validation import check_bool
-from dropkit.engine.ops import compute_dtype
+from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
-from dropkit.functional._tensor_rate import rate_constants_op, tensor_rate_keep_mask
 from dropkit.functional.dropconnect import (
-    _example_bits,
     apply_weight_mask,
     drop_connect_weight,
     example_keep_masks,
@@ -117,8 +115,8 @@ class DropConnect(_ProbabilityRate, _RandomLayer):
     Per call, ``m(x, seed=123)`` or ``m(x, generator=g)`` fix the masks explicitly.
 
     ``torch.compile``: the masks, ``1/q`` and the moment-matching variance ratio are computed from
-    ``p_tensor`` when the graph runs, so assigning ``p`` does not recompile; masks and outputs are
-    the eager ones.
+    ``p_tensor`` (in tensor ops, eagerly too) when the graph runs, so assigning ``p`` does not
+    recompile; masks and outputs are the eager ones.
 
     Reference: Wan, Zeiler, Zhang, LeCun, Fergus, "Regularization of Neural Networks using
     DropConnect", ICML 2013.
@@ -180,32 +178,13 @@ class DropConnect(_ProbabilityRate, _RandomLayer):
         key = resolve_key(input, self._key(input, seed, generator), generator)
         if self.per_example:
             output = self._per_example(input, key)
-        elif torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
-            weight = self.module.weight
-            keep = tensor_rate_keep_mask(key, self.p_tensor, weight.shape)
-            output = self._layer(input, self._apply_mask(weight, keep))
         else:
-            output = self._layer(input, drop_connect_weight(self.module.weight, self.p, seed=key))
+            output = self._layer(input, drop_connect_weight(self.module.weight, self.p_tensor, seed=key))
         return self._activate(output)
 
-    def _apply_mask(self, weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """:func:`apply_weight_mask`, with ``1/q`` read from ``p_tensor`` while tracing (rounded once
-        to the compute dtype: what torch does with the float path's ``1/q``)."""
-        if not torch.compiler.is_compiling():
-            return apply_weight_mask(weight, keep, self.p)
-        _, scale = rate_constants_op(self.p_tensor.reshape(()), "p")
-        zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-        return torch.where(
-            keep, weight * scale.to(dtype=compute_dtype(weight.dtype), device=weight.device), zero
-        )
-
-    def _variance_ratio(self, like: torch.Tensor) -> float | torch.Tensor:
-        """:func:`variance_ratio`, from ``p_tensor`` while tracing (the same float64 arithmetic,
-        rounded once to the compute dtype)."""
-        if not torch.compiler.is_compiling():
-            return variance_ratio(self.p)
-        p = self.p_tensor.reshape(())
-        ratio = torch.where(p < 1.0, p / (1.0 - p), torch.zeros_like(p))
+    def _variance_ratio(self, like: torch.Tensor) -> torch.Tensor:
+        """:func:`variance_ratio` of ``p_tensor``, rounded once to the compute dtype."""
+        ratio = torch.as_tensor(variance_ratio(self.p_tensor))
         return ratio.to(dtype=compute_dtype(like.dtype), device=like.device)
 
     def _activate(self, output: torch.Tensor) -> torch.Tensor:
@@ -237,13 +216,10 @@ class DropConnect(_ProbabilityRate, _RandomLayer):
         outputs = []
         for start in range(0, batch.shape[0], self.chunk_size):
             stop = min(batch.shape[0], start + self.chunk_size)
-            if torch.compiler.is_compiling():  # the threshold from the rate read at run time
-                threshold, _ = rate_constants_op(self.p_tensor.reshape(()), "p")
-                shape = (stop - start, *weight.shape)
-                keep = _example_bits(key, shape, start, stop) >= threshold.to(key.device)
-            else:
-                keep = example_keep_masks(key, self.p, weight.shape, start, stop)
-            outputs.append(self._batched_layer(batch[start:stop], self._apply_mask(weight, keep)))
+            keep = example_keep_masks(key, self.p_tensor, weight.shape, start, stop)
+            outputs.append(
+                self._batched_layer(batch[start:stop], apply_weight_mask(weight, keep, self.p_tensor))
+            )
         output = torch.cat(outputs)
         return output.squeeze(0) if unbatched else output
 

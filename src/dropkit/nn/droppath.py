@@ -8,11 +8,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from dropkit._deprecation import (
+    rename_state_dict_prefix,
+    renamed_arguments,
+    upgrade_renamed_submodule,
+    warn_deprecated,
+)
 from dropkit._validation import check_bool, check_probability
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.streams import share_masks_across_ranks
 from dropkit.functional._common import SeedLike, resolve_key
-from dropkit.functional.droppath import _drop_path_tensor_rate, check_batch_dim, check_mode
+from dropkit.functional.droppath import check_batch_dim, check_mode
 from dropkit.functional.droppath import drop_path as F_drop_path
 from dropkit.nn._base import _DropoutBase, _ProbabilityRate, _RandomLayer
 
@@ -93,15 +99,15 @@ class DropPath(_DropoutBase):
 
 
 class StochasticDepth(_ProbabilityRate, _RandomLayer):
-    r"""A residual block with a randomly dropped branch: ``x + DropPath(p, mode=mode)(block(x))``.
+    r"""A residual block with a randomly dropped branch: ``x + DropPath(p, mode=mode)(module(x))``.
 
-    ``block`` is the residual *branch* only (the identity shortcut is added here), and must
+    ``module`` is the residual *branch* only (the identity shortcut is added here), and must
     return a tensor of the input's shape.  In training the branch output is dropped per sample
     (``mode="row"``) or for the whole batch (``mode="batch"``) with probability ``p`` and kept
-    branches are scaled by :math:`1/q`; in eval the block computes ``x + block(x)``.
+    branches are scaled by :math:`1/q`; in eval the block computes ``x + module(x)``.
 
     In batch mode the key of the call is drawn first and the single keep/drop decision is read
-    from it, so when the branch is dropped ``block`` is not run at all (saving its forward and
+    from it, so when the branch is dropped ``module`` is not run at all (saving its forward and
     backward) and the output is ``x + 0``; the result, the gradient and the next masks are the
     same as if the branch had been computed and then zeroed.  The decision is read on the host
     (a device sync, and a graph break under ``torch.compile``, where the branch is always
@@ -109,9 +115,14 @@ class StochasticDepth(_ProbabilityRate, _RandomLayer):
     ``torch.compile`` the rate is read from ``p_tensor`` when the graph runs (as for
     :class:`DropPath`), so assigning ``p`` does not recompile.
 
+    The branch is ``self.module``: ``state_dict`` keys are ``module.*`` (checkpoints saved with
+    the former ``block.`` prefix still load).
+
     Args:
-        block: the residual branch, a module mapping the input to a tensor of the same shape.
-        p: probability of the branch being dropped, in ``[0, 1]``.
+        module: the residual branch, a module mapping the input to a tensor of the same shape.
+            (Formerly ``block``, a deprecated keyword alias for one release.)
+        p: probability of the branch being dropped, in ``[0, 1]``. Default: 0.1 (as
+            :class:`DropPath` and :func:`~dropkit.functional.drop_path`)
         mode: ``"row"`` (one draw per sample along dim 0) or ``"batch"`` (one draw per call).
             Default: ``"row"``
 
@@ -125,13 +136,25 @@ class StochasticDepth(_ProbabilityRate, _RandomLayer):
     Reference: Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016.
     """
 
-    def __init__(self, block: nn.Module, p: float, *, mode: str = "row") -> None:
+    @renamed_arguments(block="module")
+    def __init__(self, module: nn.Module, p: float = 0.1, *, mode: str = "row") -> None:
         super().__init__()
-        if not isinstance(block, nn.Module):
-            raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
-        self.block = block
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
         self.p = p
         self.mode = check_mode(mode)
+        rename_state_dict_prefix(self, "block", "module")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        upgrade_renamed_submodule(self, "block", "module")  # pickled whole before the rename
+
+    @property
+    def block(self) -> nn.Module:
+        """Deprecated alias of :attr:`module` (the residual branch), for one release."""
+        warn_deprecated("StochasticDepth.block is deprecated; use StochasticDepth.module")
+        return self.module
 
     def extra_repr(self) -> str:
         return f"p={self.p}" + ("" if self.mode == "row" else f", mode={self.mode!r}")
@@ -139,20 +162,18 @@ class StochasticDepth(_ProbabilityRate, _RandomLayer):
     def forward(
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """``input + drop_path(block(input))``; ``seed`` or ``generator`` fix the randomness of this call."""
+        """``input + drop_path(module(input))``; ``seed`` or ``generator`` fix the randomness of this call."""
         if not self.training:
-            return input + self.block(input)
+            return input + self.module(input)
         key = resolve_key(input, self._key(input, seed, generator), generator)
+        # Eagerly, a dropped batch skips the branch; a traced graph cannot branch on the draw.
         if (
             self.mode == "batch"
             and not torch.compiler.is_compiling()
-            and not bool(keep_mask(key, self.p, [1]).item())
+            and not bool(keep_mask(key, self.p_tensor, [1]).item())
         ):
             return input + 0.0  # what input + (dropped branch) gives, without running the branch
-        if torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
-            branch = _drop_path_tensor_rate(self.block(input), self.p_tensor, True, mode=self.mode, seed=key)
-            return input + branch
-        return input + F_drop_path(self.block(input), self.p, True, mode=self.mode, seed=key)
+        return input + F_drop_path(self.module(input), self.p_tensor, True, mode=self.mode, seed=key)
 
 
 class LayerDrop(_RandomLayer):
@@ -187,9 +208,14 @@ class LayerDrop(_RandomLayer):
     draws the decisions too); compile the layers themselves, or use :class:`StochasticDepth` /
     :class:`DropPath`, whose branches stay in one graph.
 
+    Unlike the single-module wrappers (``StochasticDepth``, ``ConcreteDropout``, ``DropConnect``,
+    ...), whose wrapped module is the argument and attribute ``module``, this wrapper takes a
+    sequence and keeps the name ``layers``: a submodule cannot be called ``modules``, the name of
+    :meth:`torch.nn.Module.modules`.
+
     Args:
         layers: the layers, applied in the order given (a ``ModuleList`` or any iterable of
-            modules, at least one).
+            modules, at least one); held as the ``nn.ModuleList`` ``self.layers``.
         p: probability of each layer being skipped, in ``[0, 1]``.
         zero_grad_skipped: give the skipped layers' parameters zero gradients (see above).
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
+from dropkit._deprecation import renamed_arguments
 from dropkit._validation import check_bool
 from dropkit.functional._common import SeedLike
-from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
 from dropkit.functional.embedding import check_index, embedding_dropout
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 from dropkit.nn.weight_drop import make_state_dict_transparent
@@ -55,7 +53,8 @@ class EmbeddingDropout(_ProbabilityRate, _RandomLayer):
     would break the graph): out-of-range ids still fail, in torch's lookup.
 
     Args:
-        embedding: the ``nn.Embedding`` to wrap.
+        module: the ``nn.Embedding`` to wrap, held as ``self.module``. (Formerly
+            ``embedding``, a deprecated keyword alias for one release.)
         p: probability of a word being dropped, in ``[0, 1]`` (AWD-LSTM uses 0.1). Default: 0.1
         per_token: draw per token occurrence instead of per word type. Default: ``False``
         scale: rescale kept words by :math:`1/q`; ``None`` means ``True`` without ``unk_idx``
@@ -65,7 +64,7 @@ class EmbeddingDropout(_ProbabilityRate, _RandomLayer):
 
     Shape:
         - Input: :math:`(*)`, int64 or int32 indices.
-        - Output: :math:`(*, D)`, ``D = embedding.embedding_dim``.
+        - Output: :math:`(*, D)`, ``D = module.embedding_dim``.
 
     Examples::
 
@@ -94,9 +93,10 @@ class EmbeddingDropout(_ProbabilityRate, _RandomLayer):
 
     module: nn.Embedding
 
+    @renamed_arguments(embedding="module")
     def __init__(
         self,
-        embedding: nn.Embedding,
+        module: nn.Embedding,
         p: float = 0.1,
         *,
         per_token: bool = False,
@@ -104,22 +104,22 @@ class EmbeddingDropout(_ProbabilityRate, _RandomLayer):
         unk_idx: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(embedding, nn.Embedding):
-            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"module must be an nn.Embedding, got {type(module).__name__}")
         self.p = p
         self.per_token = check_bool(per_token, "per_token")
         if scale is not None:
             check_bool(scale, "scale")
-        num_embeddings = embedding.num_embeddings
+        num_embeddings = module.num_embeddings
         unk = check_index(unk_idx, num_embeddings, "unk_idx")
         if unk is not None:
             if scale:
                 raise ValueError("scale=True does not apply with unk_idx: dropped words read the UNK row")
-            if unk == check_index(embedding.padding_idx, num_embeddings, "padding_idx"):
+            if unk == check_index(module.padding_idx, num_embeddings, "padding_idx"):
                 raise ValueError(f"unk_idx must differ from padding_idx, got {unk_idx}")
         self.scale = scale
         self.unk_idx = unk
-        self.module = embedding
+        self.module = module
         make_state_dict_transparent(self)
 
     def extra_repr(self) -> str:
@@ -139,15 +139,10 @@ class EmbeddingDropout(_ProbabilityRate, _RandomLayer):
         emb = self.module
         if self.training:
             seed = self._key(emb.weight, seed, generator)
-        # While tracing, the rate is a graph input: a new p needs no recompilation.
-        functional: Callable[..., torch.Tensor] = embedding_dropout
-        p: float | torch.Tensor = self.p
-        if torch.compiler.is_compiling():
-            functional, p = TENSOR_RATE_VARIANTS[embedding_dropout], self.p_tensor
-        return functional(
+        return embedding_dropout(
             input,
             emb.weight,
-            p,
+            self.p_tensor,
             self.training,
             per_token=self.per_token,
             scale=self.scale,

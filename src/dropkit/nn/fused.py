@@ -1,71 +1,52 @@
-"""Fused neighbours of dropout as modules."""
+"""The deprecated ``BiasDropoutAdd`` module: :class:`dropkit.nn.ResidualDropout` under its former
+name and argument order."""
 
 from __future__ import annotations
 
 import torch
 
-from dropkit import functional as F
+from dropkit._deprecation import warn_deprecated
+from dropkit._validation import check_floating_tensor
 from dropkit.functional._common import SeedLike
-from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
-from dropkit.nn._base import _ProbabilityRate, _RandomLayer
+from dropkit.nn.attention import ResidualDropout
 
 __all__ = ["BiasDropoutAdd"]
 
 
-class BiasDropoutAdd(_ProbabilityRate, _RandomLayer):
-    r"""Bias add, dropout and residual add in one pass: the transformer's residual branch.
+class BiasDropoutAdd(ResidualDropout):
+    r"""Deprecated alias of :class:`dropkit.nn.ResidualDropout`: ``residual + dropout(x + b)``.
 
-    .. math::
-        y = \mathrm{residual} + \frac{r \odot (x + b)}{q},\qquad r \sim \mathrm{Bernoulli}(q),
-        \quad q = 1 - p,
-
-    while training, and :math:`y = \mathrm{residual} + x + b` in eval.  The sum is computed in
-    float32 (float64 for float64 input) and rounded once to the input dtype, so bfloat16 and
-    float16 lose less than three separate ops would.  The mask is the one
-    :class:`dropkit.nn.Dropout` draws for ``x + b`` with the same key (bit for bit, float32 and
-    float64 results too), and backward regenerates it: nothing per element is kept, where the
-    unfused ``residual + F.dropout(x + bias)`` keeps a mask.  Gradients: :math:`\partial y/\partial x
-    = r/q`, the bias gradient is that summed over the broadcast dims, and the residual gradient
-    is the incoming gradient.  Under ``torch.compile`` the rate is read from ``p_tensor`` when
-    the graph runs, so assigning ``p`` between calls does not recompile.
+    .. deprecated::
+        ``BiasDropoutAdd(p)(x, bias, residual)`` is ``ResidualDropout(p)(x, residual, bias=bias)``
+        (the same mask and bits for the same key); use that.  This alias keeps its former
+        argument order and its default ``p = 0.5`` (``ResidualDropout``'s is 0.1), warns on
+        construction, and will be removed in the next release.
 
     Args:
         p: probability of an element of ``x + b`` being zeroed. Default: 0.5
 
-    Shape:
-        - Input ``x``: :math:`(*, H)`, any shape.
-        - Bias: broadcastable to the input, typically :math:`(H)`.
-        - Residual: same shape as the input.
-        - Output: same shape as the input.
-
-    All three tensors share dtype and device.
-
     Examples::
 
-        >>> import torch, dropkit
-        >>> m = dropkit.nn.BiasDropoutAdd(p=0.1)
-        >>> x, residual = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
-        >>> bias = torch.zeros(16)
-        >>> m(x, bias, residual).shape
-        torch.Size([2, 5, 16])
-        >>> _ = m.eval()
-        >>> torch.allclose(m(x, bias, residual), residual + x)
+        >>> import torch, dropkit, warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     m = dropkit.nn.BiasDropoutAdd(p=0.1)
+        >>> caught[0].category.__name__
+        'DeprecationWarning'
+        >>> x, bias, residual = torch.randn(2, 5, 16), torch.randn(16), torch.randn(2, 5, 16)
+        >>> torch.equal(m(x, bias, residual, seed=3),
+        ...             dropkit.nn.ResidualDropout(0.1)(x, residual, bias=bias, seed=3))
         True
-
-    Per call, ``m(x, bias, residual, seed=123)`` or ``generator=g`` fix the mask explicitly.
-
-    Reference: Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language Models
-    Using Model Parallelism", arXiv:1909.08053, 2019 (``bias_dropout_add`` fusion).
     """
 
     def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.p = p
+        warn_deprecated(
+            "BiasDropoutAdd(p) is deprecated and will be removed in the next release; use "
+            "ResidualDropout(p), called as m(input, residual, bias=bias)"
+        )
+        super().__init__(p)
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-    def forward(
+    def forward(  # type: ignore[override]  # the former argument order, kept for one release
         self,
         input: torch.Tensor,
         bias: torch.Tensor,
@@ -74,13 +55,6 @@ class BiasDropoutAdd(_ProbabilityRate, _RandomLayer):
         seed: SeedLike = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if self.training:
-            seed = self._key(input, seed, generator)
-        if torch.compiler.is_compiling():  # the rate as a graph input: no recompile when it changes
-            variant = TENSOR_RATE_VARIANTS[F.bias_dropout_add]
-            return variant(
-                input, bias, residual, self.p_tensor, self.training, seed=seed, generator=generator
-            )
-        return F.bias_dropout_add(
-            input, bias, residual, self.p, self.training, seed=seed, generator=generator
-        )
+        """``residual + dropout(input + bias)``: :meth:`ResidualDropout.forward` with a bias."""
+        check_floating_tensor(bias, "bias")  # required here, optional in ResidualDropout
+        return super().forward(input, residual, bias, seed=seed, generator=generator)

@@ -6,7 +6,7 @@ import torch
 
 from dropkit import functional as F
 from dropkit._validation import check_bool, check_nonnegative
-from dropkit.nn._base import _DropoutBase, _mirror_rate, _UnaryRandomLayer
+from dropkit.nn._base import RateAttribute, _DropoutBase, _UnaryRandomLayer
 
 __all__ = ["GaussianDropout", "GaussianNoise"]
 
@@ -71,8 +71,8 @@ class GaussianNoise(_UnaryRandomLayer):
     """
 
     _functional = staticmethod(F.gaussian_noise)
-    _tensor_rates = ("std",)
-    _std: float
+    _rate_name = "std"
+    std = RateAttribute(check_nonnegative, "The standard deviation of the noise, a finite float ``>= 0``.")
     std_tensor: torch.Tensor
 
     def __init__(self, std: float = 0.1, inplace: bool = False) -> None:
@@ -80,20 +80,5 @@ class GaussianNoise(_UnaryRandomLayer):
         self.std = std
         self.inplace = check_bool(inplace, "inplace")
 
-    @property
-    def std(self) -> float:
-        """The standard deviation of the noise, a finite float ``>= 0``."""
-        return self._std
-
-    @std.setter
-    def std(self, value: float) -> None:
-        _mirror_rate(self, "std", check_nonnegative(value, "std"))
-
     def extra_repr(self) -> str:
         return f"std={self.std}, inplace={self.inplace}"
-
-    def _rate(self) -> float:
-        return self.std
-
-    def _rate_tensor(self) -> torch.Tensor:
-        return self.std_tensor

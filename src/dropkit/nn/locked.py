@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from dropkit._validation import check_bool
 from dropkit.functional._common import SeedLike
-from dropkit.functional.locked import _locked_dropout_tensor_rate, locked_dropout
+from dropkit.functional.locked import locked_dropout
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 
 __all__ = ["LockedDropout"]
@@ -120,21 +120,9 @@ class LockedDropout(_ProbabilityRate, _RandomLayer):
         if self.training:
             data = input.data if isinstance(input, PackedSequence) else input
             seed = self._key(data, seed, generator)
-        if torch.compiler.is_compiling() and isinstance(input, torch.Tensor):
-            # The rate as a graph input: no recompile when it changes.
-            return _locked_dropout_tensor_rate(
-                input,
-                self.p_tensor,
-                self.training,
-                self.inplace,
-                batch_first=self.batch_first,
-                padding_mask=padding_mask,
-                seed=seed,
-                generator=generator,
-            )
         return locked_dropout(
             input,
-            self.p,
+            self.p_tensor,
             self.training,
             self.inplace,
             batch_first=self.batch_first,

@@ -12,9 +12,8 @@ from torch.func import functional_call
 
 from dropkit._validation import check_bool
 from dropkit.engine.masks import keep_mask
-from dropkit.engine.ops import compute_dtype
+from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
-from dropkit.functional._tensor_rate import rate_constants_op, tensor_rate_keep_mask
 from dropkit.functional.dropconnect import apply_weight_mask
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 
@@ -209,22 +208,13 @@ class WeightDrop(_ProbabilityRate, _RandomLayer):
         raw = self._raw_weights()
         key = resolve_key(raw[0], self._key(raw[0], seed, generator), generator)
         sizes = [weight.numel() for weight in raw]
-        tracing = torch.compiler.is_compiling()
-        if tracing:  # the rate as a graph input, read when the graph runs: no recompilation
-            keep = tensor_rate_keep_mask(key, self.p_tensor, (sum(sizes),))
-            _, scale = rate_constants_op(self.p_tensor.reshape(()), "p")
-        else:
-            keep = keep_mask(key, self.p, (sum(sizes),))
+        # The rate as a tensor (a graph input when compiled, read when the graph runs).
+        keep = keep_mask(key, self.p_tensor, (sum(sizes),))
         dropped = {}
         for name, weight, part in zip(self.weights, raw, keep.split(sizes), strict=True):
             part = part.reshape(weight.shape)
-            if self.inverted and tracing:
-                # 1/q rounded once to the compute dtype: what torch does with the float path's 1/q.
-                factor = scale.to(dtype=compute_dtype(weight.dtype), device=weight.device)
-                zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-                dropped[name] = torch.where(part, weight * factor, zero)
-            elif self.inverted:
-                dropped[name] = apply_weight_mask(weight, part, self.p)
+            if self.inverted:
+                dropped[name] = apply_weight_mask(weight, part, self.p_tensor)
             else:
                 zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
                 dropped[name] = torch.where(part, weight, zero)
@@ -232,14 +222,12 @@ class WeightDrop(_ProbabilityRate, _RandomLayer):
 
     def _eval_weights(self) -> dict[str, torch.Tensor]:
         raw = self._raw_weights()
-        if torch.compiler.is_compiling():  # q = 1 - p in float64, rounded once, as torch rounds the float q
-            q = 1.0 - self.p_tensor.reshape(())
-            return {
-                name: weight * q.to(dtype=compute_dtype(weight.dtype), device=weight.device)
-                for name, weight in zip(self.weights, raw, strict=True)
-            }
-        q_float = 1.0 - self.p
-        return {name: weight * q_float for name, weight in zip(self.weights, raw, strict=True)}
+        # q = 1 - p in float64, rounded once to the compute dtype, as torch rounds a float q.
+        q = 1.0 - self.p_tensor.reshape(())
+        return {
+            name: weight * q.to(dtype=compute_dtype(weight.dtype), device=weight.device)
+            for name, weight in zip(self.weights, raw, strict=True)
+        }
 
     def forward(
         self, *args: Any, seed: SeedLike = None, generator: torch.Generator | None = None, **kwargs: Any
@@ -247,7 +235,7 @@ class WeightDrop(_ProbabilityRate, _RandomLayer):
         """Run the wrapped module with dropped weights (training) or its own (eval)."""
         if self.training:
             replaced: Mapping[str, torch.Tensor] = self.dropped_weights(seed=seed, generator=generator)
-        elif self.inverted or (not torch.compiler.is_compiling() and self.p == 0.0):
+        elif self.inverted:
             return self.module(*args, **kwargs)
         else:
             replaced = self._eval_weights()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from dropkit._validation import check_bool, check_probability
+from dropkit._deprecation import renamed_arguments
+from dropkit._validation import check_bool
 from dropkit.functional._common import SeedLike, resolve_key
-from dropkit.functional._tensor_rate import TENSOR_RATE_VARIANTS
 from dropkit.functional.zoneout import zoneout_states
-from dropkit.nn._base import _mirror_rate, _ProbabilityRate, _RandomLayer
+from dropkit.nn._base import RateAttribute, _ProbabilityRate, _RandomLayer
 from dropkit.nn.weight_drop import make_state_dict_transparent
 
 __all__ = ["ZoneoutCell"]
@@ -48,7 +46,8 @@ class ZoneoutCell(_ProbabilityRate, _RandomLayer):
     ``1 - p`` as the float path does.
 
     Args:
-        cell: the ``nn.LSTMCell``, ``nn.GRUCell`` or ``nn.RNNCell`` to wrap.
+        module: the ``nn.LSTMCell``, ``nn.GRUCell`` or ``nn.RNNCell`` to wrap, held as
+            ``self.module``. (Formerly ``cell``, a deprecated keyword alias for one release.)
         p: zoneout probability :math:`z_h` of the hidden state, in ``[0, 1]``. Default: 0.1
         cell_p: zoneout probability :math:`z_c` of an LSTM's memory cell; ``None`` means
             ``p``; only for ``nn.LSTMCell``. Default: ``None``
@@ -82,39 +81,28 @@ class ZoneoutCell(_ProbabilityRate, _RandomLayer):
     """
 
     module: _Cell
-    _tensor_rates = ("p", "cell_p")
-    _cell_p: float
+    cell_p = RateAttribute(doc="The zoneout probability of an LSTM's memory cell, in ``[0, 1]``.")
     cell_p_tensor: torch.Tensor
 
-    def __init__(self, cell: nn.Module, p: float = 0.1, cell_p: float | None = None) -> None:
+    @renamed_arguments(cell="module")
+    def __init__(self, module: nn.Module, p: float = 0.1, cell_p: float | None = None) -> None:
         super().__init__()
-        if not isinstance(cell, (nn.LSTMCell, nn.GRUCell, nn.RNNCell)):
+        if not isinstance(module, (nn.LSTMCell, nn.GRUCell, nn.RNNCell)):
             raise TypeError(
-                f"cell must be an nn.LSTMCell, nn.GRUCell or nn.RNNCell, got {type(cell).__name__}"
+                f"module must be an nn.LSTMCell, nn.GRUCell or nn.RNNCell, got {type(module).__name__}"
             )
         self.p = p
-        if cell_p is not None and not isinstance(cell, nn.LSTMCell):
+        if cell_p is not None and not isinstance(module, nn.LSTMCell):
             raise ValueError(
-                f"cell_p applies to nn.LSTMCell only, got cell_p={cell_p!r} for {type(cell).__name__}"
+                f"cell_p applies to nn.LSTMCell only, got cell_p={cell_p!r} for {type(module).__name__}"
             )
         self.cell_p = self.p if cell_p is None else cell_p
-        self.module = cell
+        self.module = module
         make_state_dict_transparent(self)
 
-    @property
-    def cell_p(self) -> float:
-        """The zoneout probability of an LSTM's memory cell, in ``[0, 1]``."""
-        return self._cell_p
-
-    @cell_p.setter
-    def cell_p(self, value: float) -> None:
-        _mirror_rate(self, "cell_p", check_probability(value, "cell_p"))
-
-    def _rates(self, count: int) -> list[float] | list[torch.Tensor]:
-        """The rates of the ``count`` states (h, then c), as tensors while tracing."""
-        if torch.compiler.is_compiling():  # graph inputs: a new rate needs no recompilation
-            return [self.p_tensor, self.cell_p_tensor][:count]
-        return [self.p, self.cell_p][:count]
+    def _rates(self, count: int) -> list[torch.Tensor]:
+        """The rate holders of the ``count`` states (h, then c): read when the op runs."""
+        return [self.p_tensor, self.cell_p_tensor][:count]
 
     def extra_repr(self) -> str:
         if isinstance(self.module, nn.LSTMCell):
@@ -163,10 +151,9 @@ class ZoneoutCell(_ProbabilityRate, _RandomLayer):
         seed: SeedLike,
         generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, ...]:
-        functional: Callable[..., tuple[torch.Tensor, ...]] = zoneout_states
-        if torch.compiler.is_compiling():
-            functional = TENSOR_RATE_VARIANTS[zoneout_states]
-        return functional(prev, new, self._rates(len(prev)), self.training, seed=seed, generator=generator)
+        return zoneout_states(
+            prev, new, self._rates(len(prev)), self.training, seed=seed, generator=generator
+        )
 
     def sequence(
         self,

@@ -33,7 +33,8 @@ Multiplying by :math:`2/\tau_s` and dropping the constant gives what is minimize
     + \lambda_p K_l \bigl(p_l \log p_l + (1-p_l)\log(1-p_l)\bigr)\right], \quad
     \lambda_w = \frac{l^2}{\tau_s N},\ \lambda_p = \frac{2}{\tau_s N}
 
-(:func:`concrete_regularizers`, ``l = 1e-2`` as the protocol).  The authors' code uses
+(:func:`dropkit.nn.concrete_regularizers` with ``precision=τ`` and ``y_std`` the training std
+of the targets, ``l = 1e-2`` as the protocol).  The authors' code uses
 :math:`\lambda_w = l^2/N`, :math:`\lambda_p = 2/N` with the data term
 :math:`2 \cdot \mathrm{NLL} = \tau_s \mathrm{MSE} - \log\tau_s + \log 2\pi`: the same objective
 times :math:`\tau_s`.  Adam is invariant to a constant factor of the loss (up to its ε), so
@@ -97,6 +98,7 @@ from dropkit.experiments.uci.protocol import (
     _stack,
 )
 from dropkit.functional.concrete import concrete_dropout
+from dropkit.nn.concrete import concrete_regularizers
 
 __all__ = [
     "GRID_STREAM",
@@ -104,7 +106,6 @@ __all__ = [
     "ConcreteConfig",
     "ConcreteMLP",
     "ConcreteSpec",
-    "concrete_regularizers",
     "forward",
     "init_networks",
     "markdown_table",
@@ -198,31 +199,13 @@ class ConcreteConfig:
         return out
 
 
-def concrete_regularizers(
-    tau: float, n: int, y_std: float = 1.0, lengthscale: float = LENGTHSCALE
-) -> tuple[float, float]:
-    r"""``(λ_w, λ_p) = (l² / (τ_s N), 2 / (τ_s N))`` with ``τ_s = τ y_std²`` (objective in MSE units).
-
-    Example:
-        >>> concrete_regularizers(0.5, 100, y_std=2.0, lengthscale=0.5)  # τ_s = 2: (0.25/200, 2/200)
-        (0.00125, 0.01)
-    """
-    for name, value in (("tau", tau), ("y_std", y_std), ("lengthscale", lengthscale)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    tau_s = tau * y_std**2
-    return lengthscale**2 / (tau_s * n), 2.0 / (tau_s * n)
-
-
 @dataclass(frozen=True)
 class ConcreteSpec:
     """What defines one network of a batch.
 
     Attributes:
         data_index: which data set of the stacked ``x``/``y`` it trains on.
-        weight_regularizer: ``λ_w`` (see :func:`concrete_regularizers`).
+        weight_regularizer: ``λ_w`` (see :func:`dropkit.nn.concrete_regularizers`).
         dropout_regularizer: ``λ_p``.
         init_seed: seed of the initial weights.
         shuffle_seed: seed of the mini-batch order (networks sharing it share ``data_index``).
@@ -547,7 +530,7 @@ def run_splits(
     specs = []
     for k, split in enumerate(splits):
         for ti, tau in enumerate(taus):
-            wr, dr = concrete_regularizers(tau, n_fit, sc_grid[k].y_std, config.lengthscale)
+            wr, dr = concrete_regularizers(config.lengthscale, n_fit, precision=tau, y_std=sc_grid[k].y_std)
             specs.append(
                 ConcreteSpec(
                     data_index=k,
@@ -597,7 +580,9 @@ def run_splits(
     n_full = x_full.shape[1]
     retrain_specs = []
     for k, split in enumerate(splits):
-        wr, dr = concrete_regularizers(taus[tau_of[chosen[k]]], n_full, sc_full[k].y_std, config.lengthscale)
+        wr, dr = concrete_regularizers(
+            config.lengthscale, n_full, precision=taus[tau_of[chosen[k]]], y_std=sc_full[k].y_std
+        )
         retrain_specs.append(
             ConcreteSpec(
                 data_index=k,

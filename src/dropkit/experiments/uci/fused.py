@@ -27,7 +27,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from dropkit.kernels.cpu import _philox_words, run_parallel
+from dropkit.kernels.cpu import philox_words, run_parallel
 
 __all__ = ["launch", "predict_block", "train_step"]
 
@@ -59,7 +59,7 @@ def _mask_words(first: int, count: int, seed: int, stream: int, step: int, words
     key[0] = seed
     key[1] = stream
     key[2] = step
-    _philox_words(words, 0, c0, c1 - c0 + 1, key)
+    philox_words(words, 0, c0, c1 - c0 + 1, key)
     return c0
 
 

@@ -49,8 +49,7 @@ import numpy as np
 import torch
 
 import dropkit
-from dropkit.engine.masks import drop_threshold
-from dropkit.engine.ops import inverted_scale
+from dropkit.engine.numerics import drop_threshold, inverted_scale
 from dropkit.functional import dropout
 
 __all__ = [

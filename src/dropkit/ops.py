@@ -1,0 +1,339 @@
+"""dropkit's custom ops and their autograd, in one place: masks applied with a zero-byte backward.
+
+Every op takes the input, a key tensor and the *rate* as run-time arguments.  The rate is a Python
+float or a one-element floating-point tensor (what a module holds, so that a compiled graph reads
+it when it runs: a rate schedule never recompiles); the op reads its value, validates it, and
+derives the threshold and constants with :mod:`dropkit.engine.numerics`, the same arithmetic
+either way.  Autograd saves only the key and the rate (nothing per element) and the backward
+regenerates the same mask or noise from them.
+
+Each op is a ``torch.library`` custom op with a fake kernel, so ``torch.compile(fullgraph=True)``,
+``torch.export`` and the functorch transforms trace it without graph breaks and draw the eager
+masks (the same kernel draws them).  On plain eager tensors a ``torch.autograd.Function`` with the
+same forward and backward runs instead: a ``torch.library`` call costs ~50 us of Python dispatch,
+more than the fused kernel at typical activation sizes.
+
+Ops (``rate`` always the third tensor, options after it):
+
+* ``dropkit::masked_affine(x, key, rate, broadcast_dims, formula, rate_name)``:
+  ``where(keep, x * keep_scale + keep_shift, drop_value)`` with the constants of ``formula``
+  (:data:`dropkit.engine.numerics.AFFINE_FORMULAS`); its gradient is the same op on ``dy`` with
+  the gradient's formula.
+* ``dropkit::gaussian_dropout(x, key, rate, broadcast_dims, rate_name)``:
+  ``x * (1 + sigma n)``, ``sigma = sqrt(p / (1 - p))``; zeros at ``p = 1``.
+* ``dropkit::gaussian_noise(x, key, std, broadcast_dims, rate_name)``: ``x + std n``.
+* ``dropkit::bias_dropout_add(x, bias, residual, key, rate)``: ``residual + dropout(x + bias)``.
+* :func:`rate_op` registers further ops of the same shape for variants whose masks are computed
+  by a float path (DropBlock's seed rate), read at run time the same way.
+
+Mask ops run on the backend that :mod:`dropkit.kernels.dispatch` picks for the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dropkit._validation import check_nonnegative, check_probability
+from dropkit.engine import reference
+from dropkit.engine.numerics import (
+    affine_constants,
+    as_rate_tensor,
+    drop_threshold,
+    gaussian_dropout_std,
+    grad_formula,
+    inverted_scale,
+    rate_value,
+)
+from dropkit.kernels import dispatch
+
+__all__ = [
+    "Rate",
+    "bias_dropout_add",
+    "gaussian_dropout",
+    "gaussian_noise",
+    "masked_affine",
+    "rate_op",
+    "zeros_like_connected",
+]
+
+#: A rate as ops take it: a float, or a one-element floating-point tensor read when the op runs.
+Rate = float | torch.Tensor
+
+
+def _eager_fast_path(*tensors: torch.Tensor) -> bool:
+    return (
+        not torch.compiler.is_compiling()
+        and all(type(t) is torch.Tensor for t in tensors)
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
+def _plain_rate(rate: Rate) -> bool:
+    """A float, or a plain tensor (not a fake or subclass tensor that only a traced op may see)."""
+    return not isinstance(rate, torch.Tensor) or type(rate) is torch.Tensor
+
+
+def _fresh(output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    # A custom op's output must not alias an input: where nothing changes, hand back a copy.
+    return output.clone() if output is input else output
+
+
+def _save_rate(ctx: Any, key: torch.Tensor, rate: Rate) -> None:
+    """Keep the key and the rate for backward: 24 bytes and one element, nothing per element."""
+    if isinstance(rate, torch.Tensor):
+        ctx.save_for_backward(key, rate)
+        ctx.float_rate = None
+    else:
+        ctx.save_for_backward(key)
+        ctx.float_rate = rate
+
+
+def _saved_rate(ctx: Any) -> tuple[torch.Tensor, Rate]:
+    saved = ctx.saved_tensors
+    return saved[0], saved[1] if ctx.float_rate is None else ctx.float_rate
+
+
+class _RateOp:
+    """One op ``f(x, key, rate, *options)``: a custom op (traced paths) plus an autograd.Function
+    (eager fast path), both running ``forward(x, key, rate_value, *options)`` on real tensors.
+
+    ``backward`` is ``"linear"`` (the gradient is the op itself on ``dy``, with the options mapped
+    by ``grad_options``) or ``"identity"`` (additive noise: the gradient is ``dy``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: str,
+        forward: Callable[..., torch.Tensor],
+        *,
+        backward: str = "linear",
+        grad_options: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+        check: Callable[[object, str], float] = check_probability,
+    ) -> None:
+        if backward not in ("linear", "identity"):
+            raise ValueError(f"backward must be 'linear' or 'identity', got {backward!r}")
+        self.name = name
+        self.forward = forward
+        self.backward = backward
+        self.grad_options = grad_options or (lambda options: options)
+        self.check = check
+        schema = f"(Tensor x, Tensor key, Tensor rate, {options}, str rate_name) -> Tensor"
+
+        def impl(x: torch.Tensor, key: torch.Tensor, rate: torch.Tensor, *args: Any) -> torch.Tensor:
+            return _fresh(self.run(x, key, rate, *args), x)
+
+        def fake(x: torch.Tensor, key: torch.Tensor, rate: torch.Tensor, *args: Any) -> torch.Tensor:
+            return torch.empty_like(x)
+
+        self.op = torch.library.custom_op(f"dropkit::{name}", impl, mutates_args=(), schema=schema)
+        self.op.register_fake(fake)
+        self.op.register_autograd(self._backward, setup_context=self._setup)
+        op = self
+
+        class Eager(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: torch.Tensor, key: torch.Tensor, rate: Rate, *args: Any) -> torch.Tensor:
+                op._setup(ctx, (x, key, rate, *args), x)
+                return op.run(x, key, rate, *args)
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+                return op._backward(ctx, grad)
+
+        Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
+        self.eager = Eager
+
+    def run(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *args: Any) -> torch.Tensor:
+        """The op's values: ``forward`` with the rate read and validated (``args[-1]`` names it)."""
+        return self.forward(x, key, rate_value(rate, args[-1], self.check), *args[:-1])
+
+    def _setup(self, ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        _save_rate(ctx, inputs[1], inputs[2])
+        ctx.options = inputs[3:]
+
+    def _backward(self, ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        key, rate = _saved_rate(ctx)
+        if self.backward == "identity":
+            grad_x = grad
+        else:
+            grad_x = self(grad, key, rate, *self.grad_options(ctx.options))
+        return (grad_x, None, None, *([None] * len(ctx.options)))
+
+    def __call__(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *options: Any) -> torch.Tensor:
+        if _eager_fast_path(x, key) and _plain_rate(rate):
+            return self.eager.apply(x, key, rate, *options)
+        return self.op(x, key, as_rate_tensor(rate), *options)
+
+
+def rate_op(
+    name: str,
+    options: str,
+    forward: Callable[..., torch.Tensor],
+    *,
+    backward: str = "linear",
+    grad_options: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+    check: Callable[[object, str], float] = check_probability,
+) -> Callable[..., torch.Tensor]:
+    """Register ``dropkit::<name>(Tensor x, Tensor key, Tensor rate, <options>, str rate_name)``
+    and return its entry point ``op(x, key, rate, *options, rate_name)``.
+
+    The op reads the rate (float or one-element tensor), validates it with ``check`` (a
+    ValueError naming ``rate_name``) and returns ``forward(x, key, value, *options)``, a float
+    path run on real tensors, so a tensor rate gives the float's bits exactly.  Autograd keeps
+    only the key and the rate; see :class:`_RateOp` for ``backward`` and ``grad_options``.
+    """
+    return _RateOp(name, options, forward, backward=backward, grad_options=grad_options, check=check)
+
+
+# --- Bernoulli masks -------------------------------------------------------------------------
+
+
+def _masked_affine_forward(
+    x: torch.Tensor, key: torch.Tensor, p: float, broadcast_dims: list[int], formula: str
+) -> torch.Tensor:
+    keep_scale, keep_shift, drop_value = affine_constants(formula, p)
+    return dispatch.masked_affine(
+        x, key, drop_threshold(p), broadcast_dims, keep_scale, keep_shift, drop_value
+    )
+
+
+_masked_affine = rate_op(
+    "masked_affine",
+    "int[] broadcast_dims, str formula",
+    _masked_affine_forward,
+    grad_options=lambda options: (options[0], grad_formula(options[1]), options[2]),
+)
+
+
+def masked_affine(
+    x: torch.Tensor,
+    key: torch.Tensor,
+    rate: Rate,
+    broadcast_dims: list[int],
+    formula: str = "inverted",
+    rate_name: str = "p",
+) -> torch.Tensor:
+    """``where(keep, x * keep_scale + keep_shift, drop_value)`` with the mask of ``(key, rate)``
+    and the constants of ``formula`` at the rate (see :data:`AFFINE_FORMULAS`)."""
+    return _masked_affine(x, key, rate, broadcast_dims, formula, rate_name)
+
+
+# --- Gaussian noise --------------------------------------------------------------------------
+
+
+def _gaussian_dropout_forward(
+    x: torch.Tensor, key: torch.Tensor, p: float, broadcast_dims: list[int]
+) -> torch.Tensor:
+    if p == 0.0:
+        return x
+    if p == 1.0:  # the std diverges; zeros are the defined output (never NaN, even for inf)
+        return torch.zeros_like(x)
+    return reference.gaussian_scale(x, key, gaussian_dropout_std(p), broadcast_dims)
+
+
+def _check_std(value: object, name: str) -> float:
+    return check_nonnegative(value, name)
+
+
+def _gaussian_noise_forward(
+    x: torch.Tensor, key: torch.Tensor, std: float, broadcast_dims: list[int]
+) -> torch.Tensor:
+    return x if std == 0.0 else reference.gaussian_shift(x, key, std, broadcast_dims)
+
+
+_gaussian_dropout = rate_op("gaussian_dropout", "int[] broadcast_dims", _gaussian_dropout_forward)
+_gaussian_noise = rate_op(
+    "gaussian_noise", "int[] broadcast_dims", _gaussian_noise_forward, backward="identity", check=_check_std
+)
+
+
+def gaussian_dropout(
+    x: torch.Tensor, key: torch.Tensor, rate: Rate, broadcast_dims: list[int], rate_name: str = "p"
+) -> torch.Tensor:
+    """``x * (1 + sigma n)`` with ``sigma = sqrt(p / (1 - p))``; zeros at ``p = 1``."""
+    return _gaussian_dropout(x, key, rate, broadcast_dims, rate_name)
+
+
+def gaussian_noise(
+    x: torch.Tensor, key: torch.Tensor, std: Rate, broadcast_dims: list[int], rate_name: str = "std"
+) -> torch.Tensor:
+    """``x + std n`` (``std`` a finite float >= 0)."""
+    return _gaussian_noise(x, key, std, broadcast_dims, rate_name)
+
+
+# --- fused bias + dropout + residual ---------------------------------------------------------
+
+
+def _bias_dropout_add_forward(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, rate: Rate
+) -> torch.Tensor:
+    p = rate_value(rate)
+    return dispatch.bias_dropout_add(x, bias, residual, key, drop_threshold(p), inverted_scale(p))
+
+
+def _bias_dropout_add_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    _save_rate(ctx, inputs[3], inputs[4])
+    ctx.bias_shape = inputs[1].shape
+    ctx.residual_shape = inputs[2].shape
+
+
+def _bias_dropout_add_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    key, rate = _saved_rate(ctx)
+    grad_x = grad_bias = grad_residual = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_x = masked_affine(grad, key, rate, [], "inverted")
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_x.sum_to_size(ctx.bias_shape)
+    if ctx.needs_input_grad[2]:
+        grad_residual = grad.sum_to_size(ctx.residual_shape)
+    return grad_x if ctx.needs_input_grad[0] else None, grad_bias, grad_residual, None, None
+
+
+@torch.library.custom_op("dropkit::bias_dropout_add", mutates_args=())
+def _bias_dropout_add_op(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, rate: torch.Tensor
+) -> torch.Tensor:
+    return _bias_dropout_add_forward(x, bias, residual, key, rate)
+
+
+@_bias_dropout_add_op.register_fake
+def _(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, rate: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_bias_dropout_add_op.register_autograd(_bias_dropout_add_backward, setup_context=_bias_dropout_add_setup)
+
+
+class _BiasDropoutAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> torch.Tensor:
+        _bias_dropout_add_setup(ctx, inputs, inputs[0])
+        return _bias_dropout_add_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return _bias_dropout_add_backward(ctx, grad)
+
+
+def bias_dropout_add(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, rate: Rate
+) -> torch.Tensor:
+    """``residual + where(keep, (x + bias) / q, 0)`` with the element mask of ``x``."""
+    if _eager_fast_path(x, bias, residual, key) and _plain_rate(rate):
+        return _BiasDropoutAdd.apply(x, bias, residual, key, rate)
+    return _bias_dropout_add_op(x, bias, residual, key, as_rate_tensor(rate))
+
+
+def zeros_like_connected(input: torch.Tensor) -> torch.Tensor:
+    """Exact zeros that stay connected to autograd (zero gradient), never ``input * 0`` (NaN for
+    inf): the masked affine map at ``p = 1``, which ignores the key and consumes no draw."""
+    unused_key = torch.zeros(3, dtype=torch.int64, device=input.device)
+    return masked_affine(input, unused_key, 1.0, [], "inverted")
