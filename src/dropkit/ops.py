@@ -31,6 +31,7 @@ Mask ops run on the backend that :mod:`dropkit.kernels.dispatch` picks for the d
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,7 @@ import torch
 from dropkit._validation import check_nonnegative, check_probability
 from dropkit.engine import reference
 from dropkit.engine.numerics import (
-    affine_constants,
+    AFFINE_FORMULAS,
     as_rate_tensor,
     drop_threshold,
     gaussian_dropout_std,
@@ -115,6 +116,7 @@ class _RateOp:
         backward: str = "linear",
         grad_options: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
         check: Callable[[object, str], float] = check_probability,
+        bounds: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         if backward not in ("linear", "identity"):
             raise ValueError(f"backward must be 'linear' or 'identity', got {backward!r}")
@@ -123,6 +125,7 @@ class _RateOp:
         self.backward = backward
         self.grad_options = grad_options or (lambda options: options)
         self.check = check
+        self.bounds = bounds  # the values check accepts (tested first: cheaper than the check)
         schema = f"(Tensor x, Tensor key, Tensor rate, {options}, str rate_name) -> Tensor"
 
         def impl(x: torch.Tensor, key: torch.Tensor, rate: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -137,37 +140,51 @@ class _RateOp:
         op = self
 
         class Eager(torch.autograd.Function):
+            # The options travel as one tuple: apply() pays per argument.
             @staticmethod
-            def forward(ctx: Any, x: torch.Tensor, key: torch.Tensor, rate: Rate, *args: Any) -> torch.Tensor:
-                op._setup(ctx, (x, key, rate, *args), x)
-                return op.run(x, key, rate, *args)
+            def forward(
+                ctx: Any, x: torch.Tensor, key: torch.Tensor, rate: Rate, options: tuple[Any, ...]
+            ) -> torch.Tensor:
+                _save_rate(ctx, key, rate)
+                ctx.options = options
+                return op.run(x, key, rate, *options)
 
             @staticmethod
             def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-                return op._backward(ctx, grad)
+                return op._grad(ctx, grad), None, None, None
 
         Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
         self.eager = Eager
 
     def run(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *args: Any) -> torch.Tensor:
-        """The op's values: ``forward`` with the rate read and validated (``args[-1]`` names it)."""
-        return self.forward(x, key, rate_value(rate, args[-1], self.check), *args[:-1])
+        """The op's values: ``forward`` with the rate read (``args[-1]`` names it).  A tensor rate
+        is validated here, where it is read; a float was validated by the functional that got it."""
+        if isinstance(rate, torch.Tensor):
+            value = float(rate)
+            low, high = self.bounds
+            if not low <= value <= high:  # out of range or NaN: the check raises, naming the rate
+                value = self.check(value, args[-1])
+            return self.forward(x, key, value, *args[:-1])
+        return self.forward(x, key, rate, *args[:-1])
 
     def _setup(self, ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         _save_rate(ctx, inputs[1], inputs[2])
         ctx.options = inputs[3:]
 
-    def _backward(self, ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        key, rate = _saved_rate(ctx)
+    def _grad(self, ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         if self.backward == "identity":
-            grad_x = grad
-        else:
-            grad_x = self(grad, key, rate, *self.grad_options(ctx.options))
-        return (grad_x, None, None, *([None] * len(ctx.options)))
+            return grad
+        key, rate = _saved_rate(ctx)
+        return self(grad, key, rate, *self.grad_options(ctx.options))
+
+    def _backward(self, ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return (self._grad(ctx, grad), None, None, *([None] * len(ctx.options)))
 
     def __call__(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *options: Any) -> torch.Tensor:
-        if _eager_fast_path(x, key) and _plain_rate(rate):
-            return self.eager.apply(x, key, rate, *options)
+        # Kept lean: this runs on every dropout call.  A fake or subclass rate tensor (only a
+        # traced op may see one) takes the op.
+        if _eager_fast_path(x, key) and (type(rate) is float or type(rate) is torch.Tensor):
+            return self.eager.apply(x, key, rate, options)
         return self.op(x, key, as_rate_tensor(rate), *options)
 
 
@@ -179,6 +196,7 @@ def rate_op(
     backward: str = "linear",
     grad_options: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
     check: Callable[[object, str], float] = check_probability,
+    bounds: tuple[float, float] = (0.0, 1.0),
 ) -> Callable[..., torch.Tensor]:
     """Register ``dropkit::<name>(Tensor x, Tensor key, Tensor rate, <options>, str rate_name)``
     and return its entry point ``op(x, key, rate, *options, rate_name)``.
@@ -188,7 +206,9 @@ def rate_op(
     path run on real tensors, so a tensor rate gives the float's bits exactly.  Autograd keeps
     only the key and the rate; see :class:`_RateOp` for ``backward`` and ``grad_options``.
     """
-    return _RateOp(name, options, forward, backward=backward, grad_options=grad_options, check=check)
+    return _RateOp(
+        name, options, forward, backward=backward, grad_options=grad_options, check=check, bounds=bounds
+    )
 
 
 # --- Bernoulli masks -------------------------------------------------------------------------
@@ -197,31 +217,21 @@ def rate_op(
 def _masked_affine_forward(
     x: torch.Tensor, key: torch.Tensor, p: float, broadcast_dims: list[int], formula: str
 ) -> torch.Tensor:
-    keep_scale, keep_shift, drop_value = affine_constants(formula, p)
+    keep_scale, keep_shift, drop_value = AFFINE_FORMULAS[formula](p)
     return dispatch.masked_affine(
         x, key, drop_threshold(p), broadcast_dims, keep_scale, keep_shift, drop_value
     )
 
 
-_masked_affine = rate_op(
+#: ``masked_affine(x, key, rate, broadcast_dims, formula, rate_name)``:
+#: ``where(keep, x * keep_scale + keep_shift, drop_value)`` with the mask of ``(key, rate)`` and
+#: the constants of ``formula`` at the rate (see :data:`AFFINE_FORMULAS`).
+masked_affine = rate_op(
     "masked_affine",
     "int[] broadcast_dims, str formula",
     _masked_affine_forward,
     grad_options=lambda options: (options[0], grad_formula(options[1]), options[2]),
 )
-
-
-def masked_affine(
-    x: torch.Tensor,
-    key: torch.Tensor,
-    rate: Rate,
-    broadcast_dims: list[int],
-    formula: str = "inverted",
-    rate_name: str = "p",
-) -> torch.Tensor:
-    """``where(keep, x * keep_scale + keep_shift, drop_value)`` with the mask of ``(key, rate)``
-    and the constants of ``formula`` at the rate (see :data:`AFFINE_FORMULAS`)."""
-    return _masked_affine(x, key, rate, broadcast_dims, formula, rate_name)
 
 
 # --- Gaussian noise --------------------------------------------------------------------------
@@ -249,7 +259,12 @@ def _gaussian_noise_forward(
 
 _gaussian_dropout = rate_op("gaussian_dropout", "int[] broadcast_dims", _gaussian_dropout_forward)
 _gaussian_noise = rate_op(
-    "gaussian_noise", "int[] broadcast_dims", _gaussian_noise_forward, backward="identity", check=_check_std
+    "gaussian_noise",
+    "int[] broadcast_dims",
+    _gaussian_noise_forward,
+    backward="identity",
+    check=_check_std,
+    bounds=(0.0, sys.float_info.max),
 )
 
 
@@ -287,7 +302,7 @@ def _bias_dropout_add_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     key, rate = _saved_rate(ctx)
     grad_x = grad_bias = grad_residual = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x = masked_affine(grad, key, rate, [], "inverted")
+        grad_x = masked_affine(grad, key, rate, [], "inverted", "p")
         if ctx.needs_input_grad[1]:
             grad_bias = grad_x.sum_to_size(ctx.bias_shape)
     if ctx.needs_input_grad[2]:
@@ -336,4 +351,4 @@ def zeros_like_connected(input: torch.Tensor) -> torch.Tensor:
     """Exact zeros that stay connected to autograd (zero gradient), never ``input * 0`` (NaN for
     inf): the masked affine map at ``p = 1``, which ignores the key and consumes no draw."""
     unused_key = torch.zeros(3, dtype=torch.int64, device=input.device)
-    return masked_affine(input, unused_key, 1.0, [], "inverted")
+    return masked_affine(input, unused_key, 1.0, [], "inverted", "p")

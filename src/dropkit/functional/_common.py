@@ -19,6 +19,8 @@ def check_rate(p: object, name: str = "p", check: Callable[[object, str], float]
     whose value the op validates when it reads it (in a compiled graph: when the graph runs)."""
     if isinstance(p, torch.Tensor):
         return check_probability_tensor(p, name)
+    if type(p) is float and 0.0 <= p <= 1.0 and check is check_probability:
+        return p  # the common case, kept lean: what the check returns for it
     return check(p, name)
 
 

@@ -30,7 +30,7 @@ def _alpha(
     if not training or is_zero(p):
         return input
     key = resolve_key(input, seed, generator)
-    return finish(input, ops.masked_affine(input, key, p, dims, "alpha"), inplace)
+    return finish(input, ops.masked_affine(input, key, p, dims, "alpha", "p"), inplace)
 
 
 def alpha_dropout(

@@ -50,7 +50,7 @@ def dropout(
     if is_zero(p):
         return input
     key = resolve_key(input, seed, generator)
-    output = ops.masked_affine(input, key, p, dims, "inverted" if inverted else "unscaled")
+    output = ops.masked_affine(input, key, p, dims, "inverted" if inverted else "unscaled", "p")
     return finish(input, output, inplace)
 
 

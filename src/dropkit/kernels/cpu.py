@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from dropkit.engine.masks import mask_shape
-from dropkit.engine.numerics import THRESHOLD_SCALE, compute_dtype
+from dropkit.engine.numerics import THRESHOLD_SCALE
 
 
 def _writable(directory: Path) -> bool:
@@ -221,6 +221,26 @@ def _widen_overload(v: Any) -> Any:
     return None
 
 
+def _in_compute(v: Any, like: Any) -> Any:
+    """A float64 constant rounded once to the compute type of the array ``like``; numba-only."""
+    raise NotImplementedError("_in_compute is resolved by numba at compile time")
+
+
+@overload(_in_compute)
+def _in_compute_overload(v: Any, like: Any) -> Any:
+    if like.dtype == types.float64:
+
+        def as_float64(v: Any, like: Any) -> Any:
+            return np.float64(v)
+
+        return as_float64
+
+    def as_float32(v: Any, like: Any) -> Any:
+        return np.float32(v)
+
+    return as_float32
+
+
 @overload(_narrow)
 def _narrow_overload(v: Any, like: Any) -> Any:
     dtype = like.dtype
@@ -372,6 +392,10 @@ def _run_part(
     parts: int,
 ) -> None:
     """Run tasks ``[part * tasks // parts, (part + 1) * tasks // parts)``; see the module docs."""
+    # The constants arrive as Python floats (cheap to pass) and are rounded once, here.
+    scale = _in_compute(scale, y)
+    shift = _in_compute(shift, y)
+    drop = _in_compute(drop, y)
     tile_inner = params[_P_TILE_INNER]
     tile_run = params[_P_TILE_RUN]
     use_table = params[_P_USE_TABLE] != 0
@@ -551,7 +575,6 @@ class _Recipe(NamedTuple):
     table_words: int  # uint32 words of the bits table of a broadcast mask (0: element mask)
     parallel: bool
     threads: int
-    compute: Any  # the NumPy scalar type of the compute dtype, for the run-time constants
 
 
 def _make_recipe(
@@ -592,9 +615,8 @@ def _make_recipe(
         dtype=np.int64,
     )
     params.flags.writeable = False
-    compute = np.float64 if compute_dtype(x.dtype) == torch.float64 else np.float32
     table_words = 4 * -(-mask_numel // 8) if use_table else 0
-    return _Recipe(outer, plane, params, table_words, parallel, threads, compute)
+    return _Recipe(outer, plane, params, table_words, parallel, threads)
 
 
 def _make_plan(
@@ -718,9 +740,9 @@ def _launch(
         recipe.plane,
         recipe.params,
         (key if key.is_contiguous() else key.contiguous()).numpy(),
-        recipe.compute(keep_scale),
-        recipe.compute(keep_shift),
-        recipe.compute(drop_value),
+        float(keep_scale),
+        float(keep_shift),
+        float(drop_value),
         threshold,
         keep_shift != 0.0,
     )

@@ -94,7 +94,7 @@ class _RandomLayer(nn.Module):
 
     def rate_tensor(self, name: str = "p") -> torch.Tensor:
         """The one-element float64 holder of the rate ``name`` (what the forward passes to its op)."""
-        holder: torch.Tensor = self.__dict__[f"{name}_tensor"]
+        holder: torch.Tensor = self.__dict__[name + "_tensor"]
         return holder
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -122,7 +122,7 @@ class _UnaryRandomLayer(_RandomLayer):
     ``op(input, rate_tensor, training, inplace, *, seed=, generator=, **self._options())``."""
 
     _functional: ClassVar[Callable[..., torch.Tensor]]
-    _rate_name: ClassVar[str] = "p"
+    _rate_holder: ClassVar[str] = "p_tensor"  # the holder of the rate the op takes
     inplace: bool
 
     def _options(self) -> dict[str, Any]:
@@ -137,7 +137,7 @@ class _UnaryRandomLayer(_RandomLayer):
             seed = self._key(input, seed, generator)
         return type(self)._functional(
             input,
-            self.rate_tensor(self._rate_name),
+            self.__dict__[self._rate_holder],
             self.training,
             self.inplace,
             seed=seed,

@@ -71,7 +71,7 @@ class GaussianNoise(_UnaryRandomLayer):
     """
 
     _functional = staticmethod(F.gaussian_noise)
-    _rate_name = "std"
+    _rate_holder = "std_tensor"
     std = RateAttribute(check_nonnegative, "The standard deviation of the noise, a finite float ``>= 0``.")
     std_tensor: torch.Tensor
 
