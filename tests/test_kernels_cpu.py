@@ -495,7 +495,7 @@ def test_broken_kernel_warns_once_and_falls_back(
 
     def several_calls() -> None:
         for _ in range(3):
-            assert_bit_identical(ops.masked_affine(x, KEY, 0.5, []), expected)
+            assert_bit_identical(ops.masked_affine(x, KEY, 0.5, [], "inverted", "p"), expected)
         dropkit.functional.residual_dropout(x, x, 0.5, bias=torch.zeros(20), seed=KEY)
 
     with pytest.warns(KernelFallbackWarning) as record:
@@ -529,7 +529,7 @@ def test_kernel_failing_its_self_check_is_not_used(
 def test_a_bad_key_does_not_switch_the_backend_off() -> None:
     x = torch.ones(16)
     with pytest.raises((RuntimeError, IndexError, ValueError)):
-        ops.masked_affine(x, torch.tensor([1, 2], dtype=torch.int64), 0.5, [])
+        ops.masked_affine(x, torch.tensor([1, 2], dtype=torch.int64), 0.5, [], "inverted", "p")
     assert backend_for("cpu") == dispatch.NUMBA
 
 

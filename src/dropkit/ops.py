@@ -23,7 +23,7 @@ Ops (``rate`` always the third tensor, options after it):
   ``x * (1 + sigma n)``, ``sigma = sqrt(p / (1 - p))``; zeros at ``p = 1``.
 * ``dropkit::gaussian_noise(x, key, std, broadcast_dims, rate_name)``: ``x + std n``.
 * ``dropkit::bias_dropout_add(x, bias, residual, key, rate)``: ``residual + dropout(x + bias)``.
-* :func:`rate_op` registers further ops of the same shape for variants whose masks are computed
+* :class:`RateOp` registers further ops of the same shape for variants whose masks are computed
   by a float path (DropBlock's seed rate), read at run time the same way.
 
 Mask ops run on the backend that :mod:`dropkit.kernels.dispatch` picks for the device.
@@ -56,7 +56,7 @@ __all__ = [
     "gaussian_dropout",
     "gaussian_noise",
     "masked_affine",
-    "rate_op",
+    "RateOp",
     "zeros_like_connected",
 ]
 
@@ -99,12 +99,18 @@ def _saved_rate(ctx: Any) -> tuple[torch.Tensor, Rate]:
     return saved[0], saved[1] if ctx.float_rate is None else ctx.float_rate
 
 
-class _RateOp:
-    """One op ``f(x, key, rate, *options)``: a custom op (traced paths) plus an autograd.Function
-    (eager fast path), both running ``forward(x, key, rate_value, *options)`` on real tensors.
+class RateOp:
+    """Registers ``dropkit::<name>(Tensor x, Tensor key, Tensor rate, <options>, str rate_name)``;
+    calling the object runs it: ``op(x, key, rate, *options, rate_name)``.
 
-    ``backward`` is ``"linear"`` (the gradient is the op itself on ``dy``, with the options mapped
-    by ``grad_options``) or ``"identity"`` (additive noise: the gradient is ``dy``).
+    The op reads the rate (a float, or a one-element tensor), validates a tensor's value with
+    ``check`` (a ValueError naming ``rate_name``; ``bounds`` are the values it accepts, tested
+    first because that is cheaper) and returns ``forward(x, key, value, *options)``, a float path
+    run on real tensors, so a tensor rate gives the float's bits exactly.  Traced calls (compile,
+    export, functorch transforms, fake or subclass tensors) run the registered custom op; plain
+    eager calls an ``autograd.Function`` with the same forward and backward.  Autograd keeps only
+    the key and the rate.  ``backward`` is ``"linear"`` (the gradient is the op itself on ``dy``,
+    with the options mapped by ``grad_options``) or ``"identity"`` (additive noise: ``dy``).
     """
 
     def __init__(
@@ -188,29 +194,6 @@ class _RateOp:
         return self.op(x, key, as_rate_tensor(rate), *options)
 
 
-def rate_op(
-    name: str,
-    options: str,
-    forward: Callable[..., torch.Tensor],
-    *,
-    backward: str = "linear",
-    grad_options: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
-    check: Callable[[object, str], float] = check_probability,
-    bounds: tuple[float, float] = (0.0, 1.0),
-) -> Callable[..., torch.Tensor]:
-    """Register ``dropkit::<name>(Tensor x, Tensor key, Tensor rate, <options>, str rate_name)``
-    and return its entry point ``op(x, key, rate, *options, rate_name)``.
-
-    The op reads the rate (float or one-element tensor), validates it with ``check`` (a
-    ValueError naming ``rate_name``) and returns ``forward(x, key, value, *options)``, a float
-    path run on real tensors, so a tensor rate gives the float's bits exactly.  Autograd keeps
-    only the key and the rate; see :class:`_RateOp` for ``backward`` and ``grad_options``.
-    """
-    return _RateOp(
-        name, options, forward, backward=backward, grad_options=grad_options, check=check, bounds=bounds
-    )
-
-
 # --- Bernoulli masks -------------------------------------------------------------------------
 
 
@@ -226,7 +209,7 @@ def _masked_affine_forward(
 #: ``masked_affine(x, key, rate, broadcast_dims, formula, rate_name)``:
 #: ``where(keep, x * keep_scale + keep_shift, drop_value)`` with the mask of ``(key, rate)`` and
 #: the constants of ``formula`` at the rate (see :data:`AFFINE_FORMULAS`).
-masked_affine = rate_op(
+masked_affine = RateOp(
     "masked_affine",
     "int[] broadcast_dims, str formula",
     _masked_affine_forward,
@@ -247,39 +230,25 @@ def _gaussian_dropout_forward(
     return reference.gaussian_scale(x, key, gaussian_dropout_std(p), broadcast_dims)
 
 
-def _check_std(value: object, name: str) -> float:
-    return check_nonnegative(value, name)
-
-
 def _gaussian_noise_forward(
     x: torch.Tensor, key: torch.Tensor, std: float, broadcast_dims: list[int]
 ) -> torch.Tensor:
     return x if std == 0.0 else reference.gaussian_shift(x, key, std, broadcast_dims)
 
 
-_gaussian_dropout = rate_op("gaussian_dropout", "int[] broadcast_dims", _gaussian_dropout_forward)
-_gaussian_noise = rate_op(
+#: ``gaussian_dropout(x, key, rate, broadcast_dims, rate_name)``: ``x * (1 + sigma n)`` with
+#: ``sigma = sqrt(p / (1 - p))``; zeros at ``p = 1``.
+gaussian_dropout = RateOp("gaussian_dropout", "int[] broadcast_dims", _gaussian_dropout_forward)
+#: ``gaussian_noise(x, key, std, broadcast_dims, rate_name)``: ``x + std n`` (``std`` a finite
+#: float >= 0); the gradient is the incoming one.
+gaussian_noise = RateOp(
     "gaussian_noise",
     "int[] broadcast_dims",
     _gaussian_noise_forward,
     backward="identity",
-    check=_check_std,
+    check=check_nonnegative,
     bounds=(0.0, sys.float_info.max),
 )
-
-
-def gaussian_dropout(
-    x: torch.Tensor, key: torch.Tensor, rate: Rate, broadcast_dims: list[int], rate_name: str = "p"
-) -> torch.Tensor:
-    """``x * (1 + sigma n)`` with ``sigma = sqrt(p / (1 - p))``; zeros at ``p = 1``."""
-    return _gaussian_dropout(x, key, rate, broadcast_dims, rate_name)
-
-
-def gaussian_noise(
-    x: torch.Tensor, key: torch.Tensor, std: Rate, broadcast_dims: list[int], rate_name: str = "std"
-) -> torch.Tensor:
-    """``x + std n`` (``std`` a finite float >= 0)."""
-    return _gaussian_noise(x, key, std, broadcast_dims, rate_name)
 
 
 # --- fused bias + dropout + residual ---------------------------------------------------------

@@ -32,7 +32,9 @@ __all__ = [
     "mask_chunk_counters",
     "mask_shape",
     "normal_noise",
+    "philox_words",
     "random_bits16",
+    "random_bits32",
     "threshold_keep_mask",
 ]
 _ELEMENTS_PER_COUNTER = 8  # 4 words x 2 halves of 16 bits
@@ -59,7 +61,8 @@ def mask_shape(shape: Sequence[int], broadcast_dims: Sequence[int]) -> list[int]
     return [1 if dim in broadcast_dims else int(size) for dim, size in enumerate(shape)]
 
 
-def _philox_words(key: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, ...]:
+def philox_words(key: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, ...]:
+    """The four 32-bit output words (int64 tensors) of counters ``first .. first + count - 1``."""
     counters = torch.arange(first, first + count, dtype=torch.int64, device=key.device)
     seed, stream, step = key[0], key[1], key[2]
     return philox4x32(
@@ -72,12 +75,24 @@ def _philox_words(key: torch.Tensor, first: int, count: int) -> tuple[torch.Tens
     )
 
 
+def random_bits32(key: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 32-bit words ``0 .. numel-1`` (word ``j % 4`` of counter ``j // 4``) as int64."""
+    n_counters = -(-numel // 4)
+    chunks = [
+        torch.stack(philox_words(key, first, min(_chunk_counters, n_counters - first)), dim=1).reshape(-1)
+        for first in range(0, n_counters, _chunk_counters)
+    ]
+    if not chunks:
+        return torch.empty(0, dtype=torch.int64, device=key.device)
+    return torch.cat(chunks)[:numel]
+
+
 def random_bits16(key: torch.Tensor, numel: int) -> torch.Tensor:
     """The 16-bit draws of elements ``0 .. numel-1`` as an int64 tensor on ``key.device``."""
     n_counters = -(-numel // _ELEMENTS_PER_COUNTER)
     chunks = []
     for first in range(0, n_counters, _chunk_counters):
-        words = _philox_words(key, first, min(_chunk_counters, n_counters - first))
+        words = philox_words(key, first, min(_chunk_counters, n_counters - first))
         halves = [part for word in words for part in (word & 0xFFFF, word >> 16)]
         chunks.append(torch.stack(halves, dim=1).reshape(-1))
     if not chunks:
@@ -116,7 +131,7 @@ def normal_noise(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) ->
     n_counters = -(-numel // _NORMALS_PER_COUNTER)
     chunks = []
     for first in range(0, n_counters, _chunk_counters):
-        w0, w1, w2, w3 = _philox_words(key, first, min(_chunk_counters, n_counters - first))
+        w0, w1, w2, w3 = philox_words(key, first, min(_chunk_counters, n_counters - first))
         pair = []
         for a, b in ((w0, w1), (w2, w3)):
             u1 = ((a >> 8).to(compute) + 0.5) * 2.0**-24

@@ -18,14 +18,11 @@ from collections.abc import Sequence
 import torch
 
 from dropkit._validation import check_bool, check_floating_tensor, normalize_dims
-from dropkit.engine.masks import mask_shape
-from dropkit.engine.philox import MASK32, philox4x32
+from dropkit.engine.masks import mask_shape, random_bits32
+from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
 
 __all__ = ["check_temperature", "concrete_dropout", "concrete_uniforms"]
-
-_UNIFORMS_PER_COUNTER = 4
-_CHUNK_COUNTERS = 1 << 20
 
 
 def check_temperature(temperature: object, name: str = "temperature") -> float:
@@ -43,27 +40,8 @@ def concrete_uniforms(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtyp
 
     Computed in float64 for float64 and float32 otherwise (24-bit resolution either way).
     """
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    numel = math.prod(shape)
-    n_counters = -(-numel // _UNIFORMS_PER_COUNTER)
-    seed, stream, step = key[0], key[1], key[2]
-    chunks = []
-    for first in range(0, n_counters, _CHUNK_COUNTERS):
-        counters = torch.arange(
-            first, first + min(_CHUNK_COUNTERS, n_counters - first), dtype=torch.int64, device=key.device
-        )
-        words = philox4x32(
-            counters & MASK32,
-            counters >> 32,
-            stream & MASK32,
-            step & MASK32,
-            seed & MASK32,
-            (seed >> 32) & MASK32,
-        )
-        chunks.append(torch.stack(words, dim=1).reshape(-1))
-    if not chunks:
-        return torch.empty(tuple(shape), dtype=compute, device=key.device)
-    bits = torch.cat(chunks)[:numel]
+    compute = compute_dtype(dtype)
+    bits = random_bits32(key, math.prod(shape))
     return (((bits >> 8).to(compute) + 0.5) * 2.0**-24).reshape(tuple(shape))
 
 

@@ -12,7 +12,7 @@ from dropkit._validation import check_bool, check_rank
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, check_common, check_rate, finish, is_zero, resolve_key
-from dropkit.ops import Rate, rate_op
+from dropkit.ops import Rate, RateOp
 
 __all__ = ["drop_block", "drop_block1d", "drop_block2d", "drop_block3d"]
 
@@ -246,7 +246,7 @@ def _drop_block_forward(
 #: ``dropkit::drop_block(x, key, rate, block_size, spatial_rank, channels_last, shared_channels,
 #: per_sample_renorm, exact_rate, rate_name)``: ``y = x * factor(mask)``, linear in ``x``, so the
 #: gradient is the same op on ``dy``.
-_drop_block = rate_op(
+_drop_block = RateOp(
     "drop_block",
     "int block_size, int spatial_rank, bool channels_last, bool shared_channels, "
     "bool per_sample_renorm, bool exact_rate",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dropkit._validation import check_floating_tensor
-from dropkit.engine.masks import keep_mask, normal_noise
+from dropkit.engine.masks import keep_mask, normal_noise, philox_words
 from dropkit.engine.numerics import (
     THRESHOLD_SCALE,
     compute_dtype,
@@ -34,7 +34,6 @@ from dropkit.engine.numerics import (
     drop_threshold_tensor,
     inverted_scale_of,
 )
-from dropkit.engine.philox import MASK32, philox4x32
 from dropkit.functional._common import SeedLike, check_rate, is_zero, resolve_key
 from dropkit.ops import Rate
 
@@ -93,16 +92,7 @@ def _example_bits(key: torch.Tensor, shape: tuple[int, ...], start: int, stop: i
     # A row need not start on a counter boundary: draw the covering counters and cut.
     first_counter = first // _ELEMENTS_PER_COUNTER
     last_counter = -(-last // _ELEMENTS_PER_COUNTER)
-    counters = torch.arange(first_counter, last_counter, dtype=torch.int64, device=key.device)
-    seed, stream, step = key[0], key[1], key[2]
-    words = philox4x32(
-        counters & MASK32,
-        counters >> 32,
-        stream & MASK32,
-        step & MASK32,
-        seed & MASK32,
-        (seed >> 32) & MASK32,
-    )
+    words = philox_words(key, first_counter, last_counter - first_counter)
     halves = [part for word in words for part in (word & 0xFFFF, word >> 16)]
     offset = first_counter * _ELEMENTS_PER_COUNTER
     bits = torch.stack(halves, dim=1).reshape(-1)[first - offset : last - offset]

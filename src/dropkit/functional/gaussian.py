@@ -32,7 +32,7 @@ def gaussian_dropout(
     if not training or is_zero(p):
         return input
     key = resolve_key(input, seed, generator)
-    return finish(input, ops.gaussian_dropout(input, key, p, dims), inplace)
+    return finish(input, ops.gaussian_dropout(input, key, p, dims, "p"), inplace)
 
 
 def gaussian_noise(
@@ -52,4 +52,4 @@ def gaussian_noise(
     if not training or is_zero(std):
         return input
     key = resolve_key(input, seed, generator)
-    return finish(input, ops.gaussian_noise(input, key, std, dims), inplace)
+    return finish(input, ops.gaussian_noise(input, key, std, dims, "std"), inplace)

@@ -231,34 +231,23 @@ def _run(backend: _Backend | None, op: str, args: tuple[Any, ...]) -> torch.Tens
         return cast(torch.Tensor, getattr(reference, op)(*args))
 
 
-def masked_affine(
-    x: torch.Tensor,
-    key: torch.Tensor,
-    threshold: int,
-    broadcast_dims: Sequence[int],
-    keep_scale: float,
-    keep_shift: float,
-    drop_value: float,
-) -> torch.Tensor:
+# The two entry points take the arguments of the Backend methods of the same name, in order.
+
+
+def masked_affine(*args: Any) -> torch.Tensor:
     """:meth:`Backend.masked_affine` on the best backend for ``x`` (the reference engine when no
     kernel applies, or when one fails: it is then switched off with one warning)."""
-    args = (x, key, threshold, list(broadcast_dims), keep_scale, keep_shift, drop_value)
+    x, key = args[0], args[1]
     return _run(_kernels_for(x, key), "masked_affine", args)
 
 
-def bias_dropout_add(
-    x: torch.Tensor,
-    bias: torch.Tensor,
-    residual: torch.Tensor,
-    key: torch.Tensor,
-    threshold: int,
-    keep_scale: float,
-) -> torch.Tensor:
+def bias_dropout_add(*args: Any) -> torch.Tensor:
     """:meth:`Backend.bias_dropout_add` on the best backend for ``x``; see :func:`masked_affine`."""
+    x, bias, key = args[0], args[1], args[3]
     backend = _kernels_for(x, key)
     if backend is not None and backend.name == TRITON and tuple(bias.shape) != tuple(x.shape[-1:]):
         backend = None  # the Triton kernel takes a bias over the last dim only
-    return _run(backend, "bias_dropout_add", (x, bias, residual, key, threshold, keep_scale))
+    return _run(backend, "bias_dropout_add", args)
 
 
 def _reset_backends() -> None:
