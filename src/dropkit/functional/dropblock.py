@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as TF
@@ -254,94 +254,42 @@ _drop_block = RateOp(
 )
 
 
-def drop_block1d(
-    input: torch.Tensor,
-    p: Rate = 0.1,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    block_size: int = 7,
-    channels_last: bool = False,
-    shared_channels: bool = False,
-    per_sample_renorm: bool = False,
-    exact_rate: bool = False,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DropBlock on ``(N, C, L)`` / ``(C, L)``; see :class:`dropkit.nn.dropblock.DropBlock1d`."""
-    return drop_block(
-        input,
-        p,
-        training,
-        inplace,
-        block_size=block_size,
-        spatial_rank=1,
-        channels_last=channels_last,
-        shared_channels=shared_channels,
-        per_sample_renorm=per_sample_renorm,
-        exact_rate=exact_rate,
-        seed=seed,
-        generator=generator,
-    )
+def _ranked(rank: int, layout: str) -> Callable[..., torch.Tensor]:
+    def drop_block_ranked(
+        input: torch.Tensor,
+        p: Rate = 0.1,
+        training: bool = True,
+        inplace: bool = False,
+        *,
+        block_size: int = 7,
+        channels_last: bool = False,
+        shared_channels: bool = False,
+        per_sample_renorm: bool = False,
+        exact_rate: bool = False,
+        seed: SeedLike = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        return drop_block(
+            input,
+            p,
+            training,
+            inplace,
+            block_size=block_size,
+            spatial_rank=rank,
+            channels_last=channels_last,
+            shared_channels=shared_channels,
+            per_sample_renorm=per_sample_renorm,
+            exact_rate=exact_rate,
+            seed=seed,
+            generator=generator,
+        )
+
+    name = f"drop_block{rank}d"
+    drop_block_ranked.__name__ = drop_block_ranked.__qualname__ = name
+    drop_block_ranked.__doc__ = f"DropBlock on {layout}; see :class:`dropkit.nn.dropblock.DropBlock{rank}d`."
+    return drop_block_ranked
 
 
-def drop_block2d(
-    input: torch.Tensor,
-    p: Rate = 0.1,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    block_size: int = 7,
-    channels_last: bool = False,
-    shared_channels: bool = False,
-    per_sample_renorm: bool = False,
-    exact_rate: bool = False,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DropBlock on ``(N, C, H, W)`` / ``(C, H, W)``; see :class:`dropkit.nn.dropblock.DropBlock2d`."""
-    return drop_block(
-        input,
-        p,
-        training,
-        inplace,
-        block_size=block_size,
-        spatial_rank=2,
-        channels_last=channels_last,
-        shared_channels=shared_channels,
-        per_sample_renorm=per_sample_renorm,
-        exact_rate=exact_rate,
-        seed=seed,
-        generator=generator,
-    )
-
-
-def drop_block3d(
-    input: torch.Tensor,
-    p: Rate = 0.1,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    block_size: int = 7,
-    channels_last: bool = False,
-    shared_channels: bool = False,
-    per_sample_renorm: bool = False,
-    exact_rate: bool = False,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DropBlock on ``(N, C, D, H, W)`` / ``(C, D, H, W)``; see :class:`dropkit.nn.dropblock.DropBlock3d`."""
-    return drop_block(
-        input,
-        p,
-        training,
-        inplace,
-        block_size=block_size,
-        spatial_rank=3,
-        channels_last=channels_last,
-        shared_channels=shared_channels,
-        per_sample_renorm=per_sample_renorm,
-        exact_rate=exact_rate,
-        seed=seed,
-        generator=generator,
-    )
+drop_block1d = _ranked(1, "``(N, C, L)`` / ``(C, L)``")
+drop_block2d = _ranked(2, "``(N, C, H, W)`` / ``(C, H, W)``")
+drop_block3d = _ranked(3, "``(N, C, D, H, W)`` / ``(C, D, H, W)``")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -76,43 +76,28 @@ def _channel_dropout(
     return dropout(input, p, training, inplace, broadcast_dims=spatial, seed=seed, generator=generator)
 
 
-def dropout1d(
-    input: torch.Tensor,
-    p: Rate = 0.5,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    channels_last: bool = False,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Zero whole channels of ``(N, C, L)`` / ``(C, L)`` input; see :class:`dropkit.nn.Dropout1d`."""
-    return _channel_dropout(input, p, training, inplace, channels_last, 1, "dropout1d", seed, generator)
+def _channel(rank: int, layout: str) -> Callable[..., torch.Tensor]:
+    name = f"dropout{rank}d"
+
+    def channel_dropout(
+        input: torch.Tensor,
+        p: Rate = 0.5,
+        training: bool = True,
+        inplace: bool = False,
+        *,
+        channels_last: bool = False,
+        seed: SeedLike = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        return _channel_dropout(input, p, training, inplace, channels_last, rank, name, seed, generator)
+
+    channel_dropout.__name__ = channel_dropout.__qualname__ = name
+    channel_dropout.__doc__ = (
+        f"Zero whole channels of {layout} input; see :class:`dropkit.nn.Dropout{rank}d`."
+    )
+    return channel_dropout
 
 
-def dropout2d(
-    input: torch.Tensor,
-    p: Rate = 0.5,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    channels_last: bool = False,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Zero whole channels of ``(N, C, H, W)`` / ``(C, H, W)`` input; see :class:`dropkit.nn.Dropout2d`."""
-    return _channel_dropout(input, p, training, inplace, channels_last, 2, "dropout2d", seed, generator)
-
-
-def dropout3d(
-    input: torch.Tensor,
-    p: Rate = 0.5,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    channels_last: bool = False,
-    seed: SeedLike = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Zero whole channels of ``(N, C, D, H, W)`` / ``(C, D, H, W)``; see :class:`dropkit.nn.Dropout3d`."""
-    return _channel_dropout(input, p, training, inplace, channels_last, 3, "dropout3d", seed, generator)
+dropout1d = _channel(1, "``(N, C, L)`` / ``(C, L)``")
+dropout2d = _channel(2, "``(N, C, H, W)`` / ``(C, H, W)``")
+dropout3d = _channel(3, "``(N, C, D, H, W)`` / ``(C, D, H, W)``")
