@@ -183,6 +183,26 @@ def test_a_bad_rate_tensor_raises_a_value_error_naming_the_argument_when_read() 
         F.scaled_dot_product_attention(Q, K, V, None, rate(0.1), use_engine=False)
 
 
+def test_a_rate_schedule_grows_no_cache() -> None:
+    from dropkit.functional import dropblock
+    from dropkit.kernels import cpu
+
+    x = torch.randn(2, 3, 8, 8)
+    layers = [
+        dropkit.nn.Dropout(0.1),
+        dropkit.nn.AlphaDropout(0.1),
+        DropBlock2d(0.1, block_size=3, exact_rate=True),
+    ]
+    for layer in layers:
+        layer(x)
+    sizes = len(cpu._recipes), len(dropblock._EXACT_SEED_RATES)
+    for step in range(30):
+        for layer in layers:
+            layer.p = 0.05 + 0.01 * step  # type: ignore[assignment]
+            layer(x)
+    assert (len(cpu._recipes), len(dropblock._EXACT_SEED_RATES)) == sizes
+
+
 # --- the modules' holders -----------------------------------------------------------------------
 
 

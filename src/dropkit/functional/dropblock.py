@@ -81,7 +81,9 @@ def expected_drop_fraction(gamma: float, multiplicities: dict[int, int]) -> floa
     return sum(units * (1.0 - (1.0 - gamma) ** n) for n, units in multiplicities.items()) / total
 
 
-_EXACT_SEED_RATES: dict[tuple[float, tuple[int, ...], int], float] = {}
+# Per geometry (feature shape, block size): the last rate asked for and its seed rate.  One entry
+# per geometry, so a rate schedule replaces entries instead of growing the cache.
+_EXACT_SEED_RATES: dict[tuple[tuple[int, ...], int], tuple[float, float]] = {}
 
 
 def exact_seed_rate(p: float, feature: Sequence[int], block_size: int) -> float:
@@ -92,10 +94,10 @@ def exact_seed_rate(p: float, feature: Sequence[int], block_size: int) -> float:
     :func:`expected_drop_fraction` ``= p`` by bisection (the fraction rises monotonically from 0
     at gamma = 0 to 1 at gamma = 1, since every unit is covered by at least one seed).
     """
-    cache_key = (p, tuple(int(size) for size in feature), block_size)
-    cached = _EXACT_SEED_RATES.get(cache_key)
-    if cached is not None:
-        return cached
+    geometry = (tuple(int(size) for size in feature), block_size)
+    cached = _EXACT_SEED_RATES.get(geometry)
+    if cached is not None and cached[0] == p:
+        return cached[1]
     multiplicities = coverage_multiplicities(feature, block_size)
     low, high = 0.0, 1.0
     for _ in range(64):
@@ -105,7 +107,7 @@ def exact_seed_rate(p: float, feature: Sequence[int], block_size: int) -> float:
         else:
             high = middle
     gamma = 0.5 * (low + high)
-    _EXACT_SEED_RATES[cache_key] = gamma  # run by the op on real values, never while tracing
+    _EXACT_SEED_RATES[geometry] = (p, gamma)  # run by the op on real values, never while tracing
     return gamma
 
 
