@@ -128,8 +128,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def bit_check() -> list[str]:
     """Mismatches between the Triton kernels and the reference engine on this GPU (empty = exact)."""
+    from dropkit.engine import reference
     from dropkit.engine.masks import keep_mask
-    from dropkit.engine.ops import compute_dtype, masked_affine_reference
+    from dropkit.engine.numerics import compute_dtype, drop_threshold, inverted_scale
     from dropkit.kernels import triton_gpu as tg
 
     failures = []
@@ -147,11 +148,11 @@ def bit_check() -> list[str]:
             x = torch.randn(shape, device="cuda", generator=generator).to(dtype)
             for p in (0.0, 1e-5, 0.5, 0.999, 1.0):
                 for scale, shift, drop in (
-                    (1 / (1 - p) if p < 1 else 0.0, 0.0, 0.0),
+                    (inverted_scale(p), 0.0, 0.0),
                     (0.809, 0.1234567891, -1.758),
                 ):
-                    args = (x, key, p, dims, scale, shift, drop)
-                    if not same_bits(tg.masked_affine(*args), masked_affine_reference(*args)):
+                    args = (x, key, drop_threshold(p), dims, scale, shift, drop)
+                    if not same_bits(tg.masked_affine(*args), reference.masked_affine(*args)):
                         failures.append(
                             f"masked_affine {dtype} {shape} bd={dims} p={p} ({scale}, {shift}, {drop})"
                         )
@@ -160,22 +161,26 @@ def bit_check() -> list[str]:
         residual = torch.randn(37, 129, device="cuda", generator=generator).to(dtype)
         compute = compute_dtype(dtype)
         for p in (0.0, 0.5, 0.999):
-            scale = 1 / (1 - p)
+            threshold, scale = drop_threshold(p), inverted_scale(p)
             keep = keep_mask(key, p, x.shape)
             kept = (x.to(compute) + bias.to(compute)) * torch.tensor(scale, dtype=compute, device="cuda")
-            reference = (residual.to(compute) + torch.where(keep, kept, 0.0)).to(dtype)
-            if not same_bits(tg.bias_dropout_add(x, bias, residual, key, p, scale), reference):
+            expected = (residual.to(compute) + torch.where(keep, kept, 0.0)).to(dtype)
+            args = (x, bias, residual, key, threshold, scale)
+            if not same_bits(tg.bias_dropout_add(*args), expected):
                 failures.append(f"bias_dropout_add {dtype} p={p}")
+            if not same_bits(reference.bias_dropout_add(*args), expected):
+                failures.append(f"bias_dropout_add {dtype} p={p} (reference engine)")
     return failures
 
 
 def bench_one(
     dtype: torch.dtype, numel: int, p: float, repeats: int, warmup: int, methods: list[str]
 ) -> list[Result]:
-    from dropkit.engine.ops import masked_affine as masked_affine_op
+    from dropkit import ops
+    from dropkit.engine.numerics import drop_threshold, inverted_scale
     from dropkit.kernels import triton_gpu as tg
 
-    scale = 1.0 / (1.0 - p)
+    threshold, scale = drop_threshold(p), inverted_scale(p)
     key = torch.tensor([1234, 0, 0], dtype=torch.int64, device="cuda")
     x = torch.randn(numel, device="cuda", dtype=torch.float32).to(dtype)
     dy = torch.randn(numel, device="cuda", dtype=torch.float32).to(dtype)
@@ -198,10 +203,10 @@ def bench_one(
             None,
         ),
         "triton": (
-            lambda: tg.masked_affine(x, key, p, [], scale, 0.0, 0.0),
+            lambda: tg.masked_affine(x, key, threshold, [], scale, 0.0, 0.0),
             lambda: (
-                tg.masked_affine(x, key, p, [], scale, 0.0, 0.0),
-                tg.masked_affine(dy, key, p, [], scale, 0.0, 0.0),
+                tg.masked_affine(x, key, threshold, [], scale, 0.0, 0.0),
+                tg.masked_affine(dy, key, threshold, [], scale, 0.0, 0.0),
             ),
             None,
         ),
@@ -216,9 +221,9 @@ def bench_one(
             lambda: compiled_dropout(leaf),
         ),
         "dropkit-op": (
-            lambda: masked_affine_op(x, key, p, [], scale, 0.0, 0.0),
-            lambda: masked_affine_op(leaf, key, p, [], scale, 0.0, 0.0).backward(dy),
-            lambda: masked_affine_op(leaf, key, p, [], scale, 0.0, 0.0),
+            lambda: ops.masked_affine(x, key, p, [], "inverted", "p"),
+            lambda: ops.masked_affine(leaf, key, p, [], "inverted", "p").backward(dy),
+            lambda: ops.masked_affine(leaf, key, p, [], "inverted", "p"),
         ),
     }
     results = []
@@ -261,8 +266,10 @@ def launch_overhead(numel: int = 4096, calls: int = 2000) -> list[tuple[str, flo
     """Host microseconds per call on a tiny tensor (the GPU work is negligible), per layer of the
     call path: raw Triton launch, the kernel wrapper, dropkit's functional, torch's F.dropout."""
     import dropkit
+    from dropkit.engine.numerics import drop_threshold
     from dropkit.kernels import triton_gpu as tg
 
+    threshold = drop_threshold(0.1)
     x = torch.randn(numel, device="cuda")
     key = torch.tensor([1, 2, 3], dtype=torch.int64, device="cuda")
     out = torch.empty_like(x)
@@ -272,14 +279,17 @@ def launch_overhead(numel: int = 4096, calls: int = 2000) -> list[tuple[str, flo
 
     def raw_launch() -> None:
         tg._masked_affine_kernel[grid](
-            x, out, key, numel, tg.drop_threshold(0.1), *bits, HAS_SHIFT=False,
+            x, out, key, numel, threshold, *bits, HAS_SHIFT=False,
             COMPUTE=tg._compute(x.dtype), BLOCK_C=block_c, WIDTH=tg._tile_width(x.dtype),
             HOIST=tg._config.hoist_loads, **tg._launch_options(),
         )  # fmt: skip
 
     paths: list[tuple[str, Callable[[], Any]]] = [
         ("triton launch (JITFunction[grid](...))", raw_launch),
-        ("kernels.triton_gpu.masked_affine", lambda: tg.masked_affine(x, key, 0.1, [], 1 / 0.9, 0.0, 0.0)),
+        (
+            "kernels.triton_gpu.masked_affine",
+            lambda: tg.masked_affine(x, key, threshold, [], 1 / 0.9, 0.0, 0.0),
+        ),
         ("dropkit.functional.dropout(seed=key)", lambda: dropkit.functional.dropout(x, 0.1, seed=key)),
         ("dropkit.nn.Dropout (module, no grad)", dropkit.nn.Dropout(0.1).cuda().__call__),
         ("torch.nn.functional.dropout", lambda: F.dropout(x, 0.1, training=True)),

@@ -32,10 +32,10 @@ def copy_of(x: torch.Tensor) -> Callable[[], object]:
     return lambda: y.copy_(x)
 
 
-def dropout_of(x: torch.Tensor, key: torch.Tensor, p: float, scale: float) -> Callable[[], object]:
+def dropout_of(x: torch.Tensor, key: torch.Tensor, threshold: int, scale: float) -> Callable[[], object]:
     from dropkit.kernels import triton_gpu as tg
 
-    return lambda: tg.masked_affine(x, key, p, [], scale, 0.0, 0.0)
+    return lambda: tg.masked_affine(x, key, threshold, [], scale, 0.0, 0.0)
 
 
 def main() -> int:
@@ -56,10 +56,12 @@ def main() -> int:
         print("tune_triton: no CUDA device is available.", file=sys.stderr)
         return 2
 
-    from dropkit.engine.ops import masked_affine_reference
+    from dropkit.engine import reference
+    from dropkit.engine.numerics import drop_threshold, inverted_scale
     from dropkit.kernels import triton_gpu as tg
 
-    p, scale = args.p, 1.0 / (1.0 - args.p)
+    p = args.p
+    threshold, scale = drop_threshold(p), inverted_scale(p)
     key = torch.tensor([1234, 5, 6], dtype=torch.int64, device="cuda")
     rows = []
     for dtype_name in args.dtypes:
@@ -79,10 +81,10 @@ def main() -> int:
                     block_counters=block_c, num_warps=warps, hoist_loads=hoist, tile_width=width
                 ):
                     exact = same_bits(
-                        tg.masked_affine(ragged, key, p, [], scale, 0.0, 0.0),
-                        masked_affine_reference(ragged, key, p, [], scale, 0.0, 0.0),
+                        tg.masked_affine(ragged, key, threshold, [], scale, 0.0, 0.0),
+                        reference.masked_affine(ragged, key, threshold, [], scale, 0.0, 0.0),
                     )
-                    times, _ = time_cuda(dropout_of(x, key, p, scale), args.repeats, 3, inner)
+                    times, _ = time_cuda(dropout_of(x, key, threshold, scale), args.repeats, 3, inner)
                 median = statistics.median(times)
                 row = {
                     "dtype": dtype_name,
