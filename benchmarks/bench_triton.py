@@ -273,16 +273,9 @@ def launch_overhead(numel: int = 4096, calls: int = 2000) -> list[tuple[str, flo
     x = torch.randn(numel, device="cuda")
     key = torch.tensor([1, 2, 3], dtype=torch.int64, device="cuda")
     out = torch.empty_like(x)
-    block_c = tg._config.block_counters
-    grid = (tg._programs(numel, block_c),)
-    bits = tg._float_bits(1 / 0.9), tg._float_bits(0.0), tg._float_bits(0.0)
 
     def raw_launch() -> None:
-        tg._masked_affine_kernel[grid](
-            x, out, key, numel, threshold, *bits, HAS_SHIFT=False,
-            COMPUTE=tg._compute(x.dtype), BLOCK_C=block_c, WIDTH=tg._tile_width(x.dtype),
-            HOIST=tg._config.hoist_loads, **tg._launch_options(),
-        )  # fmt: skip
+        tg.launch_unchecked(x, out, key, threshold, 1 / 0.9)
 
     paths: list[tuple[str, Callable[[], Any]]] = [
         ("triton launch (JITFunction[grid](...))", raw_launch),

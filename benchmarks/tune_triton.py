@@ -66,7 +66,7 @@ def main() -> int:
     rows = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        default_width = tg._group_width(dtype)
+        default_width = tg.vector_width(dtype)
         widths = sorted({default_width, 8})
         ragged = torch.randn(3 * 2**20 + 37, device="cuda").to(dtype)
         for size in args.sizes:

@@ -50,7 +50,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a test that hides 
 from dropkit.engine.masks import mask_shape
 from dropkit.engine.numerics import compute_dtype
 
-__all__ = ["bias_dropout_add", "launch_overrides", "masked_affine", "name", "philox_block"]
+__all__ = [
+    "bias_dropout_add",
+    "launch_overrides",
+    "launch_unchecked",
+    "masked_affine",
+    "name",
+    "philox_block",
+    "vector_width",
+]
 
 name = "triton"
 
@@ -574,6 +582,27 @@ def _check_dtype(x: torch.Tensor, name: str = "x") -> None:
 def _group_width(dtype: torch.dtype) -> int:
     """Elements of ``dtype`` in one 16-byte vector access (the widest a thread issues)."""
     return min(_ELEMENTS_PER_COUNTER, 16 // dtype.itemsize)
+
+
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` in one 16-byte vector access (the widest tile row a tuning run
+    should compare against; see ``launch_overrides(tile_width=)``)."""
+    return _group_width(dtype)
+
+
+def launch_unchecked(
+    x: torch.Tensor, out: torch.Tensor, key: torch.Tensor, threshold: int, keep_scale: float
+) -> None:
+    """The bare launch of the element-mask kernel on contiguous ``x`` into ``out``: no argument
+    checks, no device guard, no output allocation.  For measuring launch overhead only
+    (``benchmarks/bench_triton.py``); use :func:`masked_affine` everywhere else."""
+    numel = x.numel()
+    block_c = _config.block_counters
+    _masked_affine_kernel[(_programs(numel, block_c),)](
+        x, out, key, numel, threshold, _float_bits(keep_scale), _float_bits(0.0), _float_bits(0.0),
+        HAS_SHIFT=False, COMPUTE=_compute(x.dtype), BLOCK_C=block_c, WIDTH=_tile_width(x.dtype),
+        HOIST=_config.hoist_loads, **_launch_options(),
+    )  # fmt: skip
 
 
 def _tile_width(dtype: torch.dtype) -> int:
