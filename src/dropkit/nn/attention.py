@@ -244,7 +244,7 @@ class ScaledDotProductAttention(_ProbabilityRate, _RandomLayer):
         # when p changes); torch's fused kernel takes a float, and so does an eager call at
         # p = 0, which then keeps torch's fused kernel instead of materialising the weights.
         rate: float | torch.Tensor = self.p_tensor
-        if not self.use_engine or (self.p == 0.0 and not torch.compiler.is_compiling()):
+        if not self.use_engine or (not torch.compiler.is_compiling() and self.p == 0.0):
             rate = self.p
         return scaled_dot_product_attention(
             query,
