@@ -18,6 +18,7 @@ from dropkit.engine.checkpoint import UnmanagedRecomputeError as UnmanagedRecomp
 from dropkit.engine.checkpoint import checkpoint as checkpoint
 from dropkit.engine.checkpoint import checkpoint_context as checkpoint_context
 from dropkit.engine.numerics import realised_drop_probability as realised_drop_probability
+from dropkit.engine.streams import element_key as element_key
 from dropkit.engine.streams import initial_seed as initial_seed
 from dropkit.engine.streams import make_key as make_key
 from dropkit.engine.streams import manual_seed as manual_seed
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "checkpoint",
     "checkpoint_context",
+    "element_key",
     "functional",
     "initial_seed",
     "make_key",

@@ -31,8 +31,10 @@ Mask ops run on the backend that :mod:`dropkit.kernels.dispatch` picks for the d
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -48,6 +50,7 @@ from dropkit.engine.numerics import (
     inverted_scale,
     rate_value,
 )
+from dropkit.engine.streams import element_key
 from dropkit.kernels import dispatch
 
 __all__ = [
@@ -60,18 +63,27 @@ __all__ = [
     "zeros_like_connected",
 ]
 
+_FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
+_REPLAYING: ContextVar[bool] = ContextVar("dropkit_replaying_a_mask", default=False)
+
 #: A rate as ops take it: a float, or a one-element floating-point tensor read when the op runs.
 Rate = float | torch.Tensor
 
 
 def _eager_fast_path(*tensors: torch.Tensor) -> bool:
-    return (
-        not torch.compiler.is_compiling()
-        and all(type(t) is torch.Tensor for t in tensors)
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._functorch.peek_interpreter_stack() is None
-    )
+    """Plain eager tensors, no tracing and no dispatch or function modes: the autograd.Function
+    runs.  Under ``torch.func`` transforms it runs too (it has the forward-AD and vmap rules the
+    transforms need); traced paths (compile, export, fake and subclass tensors) take the op."""
+    if (
+        torch.compiler.is_compiling()
+        or not all(type(t) is torch.Tensor for t in tensors)
+        or torch._C._len_torch_dispatch_stack() != 0
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return False
+    # functionalize has no rule for autograd.Functions; the custom op is functional already.
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    return interpreter is None or interpreter.key() != _FUNCTIONALIZE
 
 
 def _plain_rate(rate: Rate) -> bool:
@@ -97,6 +109,54 @@ def _save_rate(ctx: Any, key: torch.Tensor, rate: Rate) -> None:
 def _saved_rate(ctx: Any) -> tuple[torch.Tensor, Rate]:
     saved = ctx.saved_tensors
     return saved[0], saved[1] if ctx.float_rate is None else ctx.float_rate
+
+
+@contextlib.contextmanager
+def _replaying() -> Iterator[None]:
+    """A gradient or tangent replays a forward's mask: not a new draw, so a vmap over cotangents
+    or tangents (jacrev, jacfwd, per-sample gradients) gives every element that mask."""
+    token = _REPLAYING.set(True)
+    try:
+        yield
+    finally:
+        _REPLAYING.reset(token)
+
+
+def _vmap_loop(
+    name: str,
+    info: Any,
+    in_dims: tuple[Any, ...],
+    inputs: tuple[Any, ...],
+    key_index: int,
+    call: Callable[..., torch.Tensor],
+) -> tuple[torch.Tensor, int | None]:
+    """``torch.func.vmap`` of a random op with torch's randomness semantics: ``"error"`` refuses,
+    ``"same"`` gives every batch element the call's mask (its own, for a batched key),
+    ``"different"`` gives element ``b`` the mask of :func:`dropkit.element_key` ``(key_b, b)``:
+    exactly the loop over the elements with those keys.  A replayed mask (a gradient, a tangent)
+    is not a draw: it always takes the forward's ("same")."""
+    randomness = "same" if _REPLAYING.get() else info.randomness
+    if randomness == "error":
+        raise RuntimeError(
+            f"dropkit::{name} draws a random mask, and vmap's default randomness='error' refuses "
+            "random ops: pass randomness='same' (one mask for every batch element) or 'different' "
+            "(a mask per element, from dropkit.element_key(key, index)) to torch.func.vmap"
+        )
+    if randomness == "same" and all(dim is None for dim in in_dims):
+        return call(*inputs), None
+    outputs = []
+    for index in range(info.batch_size):
+        element = [
+            value if dim is None else value.select(dim, index)
+            for value, dim in zip(inputs, in_dims, strict=True)
+        ]
+        # A batched key (per-element steps of stacked modules, or keys passed in) is each
+        # element's own; "different" still derives a key per element, so that stacked copies of
+        # one module (one stream, one step) do not share masks.
+        if randomness == "different":
+            element[key_index] = element_key(element[key_index], index)
+        outputs.append(call(*element))
+    return torch.stack(outputs), 0
 
 
 class RateOp:
@@ -146,18 +206,41 @@ class RateOp:
         op = self
 
         class Eager(torch.autograd.Function):
-            # The options travel as one tuple: apply() pays per argument.
+            # The options travel as one tuple: apply() pays per argument.  setup_context style,
+            # with jvp and vmap rules, so that the torch.func transforms can run it.
             @staticmethod
             def forward(
-                ctx: Any, x: torch.Tensor, key: torch.Tensor, rate: Rate, options: tuple[Any, ...]
+                x: torch.Tensor, key: torch.Tensor, rate: Rate, options: tuple[Any, ...]
             ) -> torch.Tensor:
+                return op.run(x, key, rate, *options)
+
+            @staticmethod
+            def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+                _, key, rate, options = inputs
                 _save_rate(ctx, key, rate)
                 ctx.options = options
-                return op.run(x, key, rate, *options)
+                ctx.forward_key, ctx.forward_rate = key, rate  # for jvp (forward mode)
 
             @staticmethod
             def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
                 return op._grad(ctx, grad), None, None, None
+
+            @staticmethod
+            def jvp(ctx: Any, tangent: torch.Tensor, *_: Any) -> torch.Tensor:
+                # The op is affine in x (linear for the gradient's formula): the tangent goes
+                # through the same mask and scale.
+                if op.backward == "identity":
+                    return tangent
+                with _replaying():
+                    return op(tangent, ctx.forward_key, ctx.forward_rate, *op.grad_options(ctx.options))
+
+            @staticmethod
+            def vmap(
+                info: Any, in_dims: tuple[Any, ...], x: Any, key: Any, rate: Any, options: tuple[Any, ...]
+            ) -> tuple[torch.Tensor, int | None]:
+                return _vmap_loop(
+                    name, info, in_dims[:3], (x, key, rate), 1, lambda *element: op(*element, *options)
+                )
 
         Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
         self.eager = Eager
@@ -181,7 +264,8 @@ class RateOp:
         if self.backward == "identity":
             return grad
         key, rate = _saved_rate(ctx)
-        return self(grad, key, rate, *self.grad_options(ctx.options))
+        with _replaying():
+            return self(grad, key, rate, *self.grad_options(ctx.options))
 
     def _backward(self, ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         return (self._grad(ctx, grad), None, None, *([None] * len(ctx.options)))
@@ -271,7 +355,8 @@ def _bias_dropout_add_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     key, rate = _saved_rate(ctx)
     grad_x = grad_bias = grad_residual = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x = masked_affine(grad, key, rate, [], "inverted", "p")
+        with _replaying():
+            grad_x = masked_affine(grad, key, rate, [], "inverted", "p")
         if ctx.needs_input_grad[1]:
             grad_bias = grad_x.sum_to_size(ctx.bias_shape)
     if ctx.needs_input_grad[2]:
@@ -297,14 +382,35 @@ _bias_dropout_add_op.register_autograd(_bias_dropout_add_backward, setup_context
 
 
 class _BiasDropoutAdd(torch.autograd.Function):
+    # setup_context style, with jvp and vmap rules, so that the torch.func transforms can run it.
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> torch.Tensor:
-        _bias_dropout_add_setup(ctx, inputs, inputs[0])
+    def forward(*inputs: Any) -> torch.Tensor:
         return _bias_dropout_add_forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        _bias_dropout_add_setup(ctx, inputs, output)
+        ctx.forward_key, ctx.forward_rate = inputs[3], inputs[4]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         return _bias_dropout_add_backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Any, bias_t: Any, residual_t: Any, *_: Any) -> torch.Tensor:
+        # d(residual + where(keep, (x + bias) / q, 0)) = d residual + where(keep, (dx + dbias) / q, 0)
+        dropped = x_t if bias_t is None else (bias_t if x_t is None else x_t + bias_t)
+        tangent = None
+        if dropped is not None:
+            with _replaying():
+                tangent = masked_affine(dropped, ctx.forward_key, ctx.forward_rate, [], "inverted", "p")
+        if tangent is None:
+            return residual_t  # some tangent is always given
+        return tangent if residual_t is None else tangent + residual_t
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], *inputs: Any) -> tuple[torch.Tensor, int | None]:
+        return _vmap_loop("bias_dropout_add", info, in_dims, inputs, 3, bias_dropout_add)
 
 
 def bias_dropout_add(

@@ -31,6 +31,7 @@ __all__ = [
     "allocate_stream",
     "draw_key",
     "effective_seed",
+    "element_key",
     "initial_seed",
     "make_key",
     "manual_seed",
@@ -191,6 +192,18 @@ def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
         key = torch.cat([head, step.reshape(1)])
         step.add_(1)
         return key
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # Under torch.func transforms: tensor ops too (the step of stacked modules is batched, and
+        # reading it is not allowed); a step captured from outside the transform (not one of its
+        # inputs) is advanced outside it, where grad would refuse the mutation.
+        head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
+        key = torch.cat([head, step.reshape(1)])
+        if torch._C._functorch.is_functorch_wrapped_tensor(step):
+            step.add_(1)
+        else:
+            with torch._C._DisableFuncTorch():
+                step.add_(1)
+        return key
 
     from dropkit.engine import checkpoint  # late: checkpoint builds on this module
 
@@ -239,6 +252,32 @@ def to_device_async(key: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return key.pin_memory().to(device, non_blocking=True)
     return key.to(device)
+
+
+def element_key(key: torch.Tensor, index: int) -> torch.Tensor:
+    """The key that batch element ``index`` draws with under
+    ``torch.func.vmap(..., randomness="different")``: ``key``'s seed mixed with the index by
+    SplitMix64, its stream and step kept.  So ``vmap(f, randomness="different")(xs)`` equals
+    ``stack([f_with_key(xs[b], element_key(key, b)) for b in ...])`` bit for bit.
+
+    Example::
+
+        >>> import torch, dropkit
+        >>> key = dropkit.make_key(7)
+        >>> xs = torch.ones(3, 8)
+        >>> batched = torch.func.vmap(
+        ...     lambda x: dropkit.functional.dropout(x, 0.5, seed=key), randomness="different"
+        ... )(xs)
+        >>> keys = [dropkit.element_key(key, b) for b in range(3)]
+        >>> looped = torch.stack([dropkit.functional.dropout(x, 0.5, seed=k) for x, k in zip(xs, keys)])
+        >>> torch.equal(batched, looped)
+        True
+    """
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"index must be an int >= 0, got {index!r}")
+    seed, stream, step = (int(value) for value in key.tolist())
+    mixed = _splitmix64((seed % _UINT64) ^ ((index + 1) * 0x9E3779B97F4A7C15 % _UINT64))
+    return torch.tensor([_to_int64(mixed), stream, step], dtype=torch.int64, device=key.device)
 
 
 def draw_functional_key(device: torch.device) -> torch.Tensor:

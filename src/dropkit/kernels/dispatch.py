@@ -210,6 +210,8 @@ def backend_for(device: torch.device | str) -> str:
 def _kernels_for(x: torch.Tensor, key: torch.Tensor) -> _Backend | None:
     if _force_reference.get() or x.dtype not in _KERNEL_DTYPES:
         return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None  # a torch.func transform's wrapper has no storage a kernel could read
     if key.dtype != torch.int64 or key.shape != (3,) or key.device != x.device:
         # Not a key the kernels take: the reference engine answers (or raises the user's error),
         # so that a bad argument never switches a working backend off.
