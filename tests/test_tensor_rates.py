@@ -138,6 +138,7 @@ def key() -> torch.Tensor:
 
 
 OPCHECK_CASES = {
+    "checked_rate": (torch.ops.dropkit.checked_rate, lambda x: (rate(0.3).reshape(()), "p", True)),
     "masked_affine[alpha]": (
         torch.ops.dropkit.masked_affine,
         lambda x: (x, key(), rate(0.3).reshape(()), [1], "alpha", "p"),

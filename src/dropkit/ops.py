@@ -56,6 +56,7 @@ from dropkit.kernels import dispatch
 __all__ = [
     "Rate",
     "bias_dropout_add",
+    "checked_rate",
     "gaussian_dropout",
     "gaussian_noise",
     "masked_affine",
@@ -420,6 +421,31 @@ def bias_dropout_add(
     if _eager_fast_path(x, bias, residual, key) and _plain_rate(rate):
         return _BiasDropoutAdd.apply(x, bias, residual, key, rate)
     return _bias_dropout_add_op(x, bias, residual, key, as_rate_tensor(rate))
+
+
+@torch.library.custom_op("dropkit::checked_rate", mutates_args=())
+def _checked_rate_op(rate: torch.Tensor, name: str, probability: bool) -> torch.Tensor:
+    rate_value(rate, name, check_probability if probability else check_nonnegative)
+    return rate.clone()
+
+
+@_checked_rate_op.register_fake
+def _(rate: torch.Tensor, name: str, probability: bool) -> torch.Tensor:
+    return torch.empty_like(rate)
+
+
+def checked_rate(rate: torch.Tensor, name: str = "p", probability: bool = True) -> torch.Tensor:
+    """``rate`` (a one-element tensor) once its value is validated: a probability in ``[0, 1]``,
+    or a finite float ``>= 0`` (``probability=False``), else a ValueError naming ``name``.
+
+    For code that computes with a rate tensor directly (keep masks, scales) instead of passing it
+    to an op that reads it: eagerly the value is read now; in a compiled graph a custom op reads
+    it when the graph runs, so a bad value in a holder is an error there too, never a silent
+    threshold past the ends."""
+    if _eager_fast_path(rate):
+        rate_value(rate, name, check_probability if probability else check_nonnegative)
+        return rate
+    return _checked_rate_op(rate, name, probability)
 
 
 def zeros_like_connected(input: torch.Tensor) -> torch.Tensor:

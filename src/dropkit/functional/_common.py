@@ -9,7 +9,7 @@ import torch
 from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
 from dropkit.engine.numerics import compute_dtype
 from dropkit.engine.streams import draw_functional_key, key_from_generator, make_key, to_device_async
-from dropkit.ops import Rate, zeros_like_connected
+from dropkit.ops import Rate, checked_rate, zeros_like_connected
 
 SeedLike = int | torch.Tensor | None
 
@@ -18,7 +18,7 @@ def check_rate(p: object, name: str = "p", check: Callable[[object, str], float]
     """A rate argument: a float validated by ``check`` now, or a one-element floating-point tensor
     whose value the op validates when it reads it (in a compiled graph: when the graph runs)."""
     if isinstance(p, torch.Tensor):
-        return check_probability_tensor(p, name)
+        return checked_rate(check_probability_tensor(p, name), name, check is check_probability)
     if type(p) is float and 0.0 <= p <= 1.0 and check is check_probability:
         return p  # the common case, kept lean: what the check returns for it
     return check(p, name)

@@ -20,6 +20,7 @@ from dropkit.functional.dropconnect import (
     variance_ratio,
 )
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
+from dropkit.ops import checked_rate
 
 __all__ = ["DropConnect"]
 
@@ -184,7 +185,7 @@ class DropConnect(_ProbabilityRate, _RandomLayer):
 
     def _variance_ratio(self, like: torch.Tensor) -> torch.Tensor:
         """:func:`variance_ratio` of ``p_tensor``, rounded once to the compute dtype."""
-        ratio = torch.as_tensor(variance_ratio(self.p_tensor))
+        ratio = torch.as_tensor(variance_ratio(checked_rate(self.p_tensor)))
         return ratio.to(dtype=compute_dtype(like.dtype), device=like.device)
 
     def _activate(self, output: torch.Tensor) -> torch.Tensor:
@@ -214,12 +215,11 @@ class DropConnect(_ProbabilityRate, _RandomLayer):
         unbatched = input.dim() == unbatched_rank
         batch = input.unsqueeze(0) if unbatched else input
         outputs = []
+        rate = checked_rate(self.p_tensor)
         for start in range(0, batch.shape[0], self.chunk_size):
             stop = min(batch.shape[0], start + self.chunk_size)
-            keep = example_keep_masks(key, self.p_tensor, weight.shape, start, stop)
-            outputs.append(
-                self._batched_layer(batch[start:stop], apply_weight_mask(weight, keep, self.p_tensor))
-            )
+            keep = example_keep_masks(key, rate, weight.shape, start, stop)
+            outputs.append(self._batched_layer(batch[start:stop], apply_weight_mask(weight, keep, rate)))
         output = torch.cat(outputs)
         return output.squeeze(0) if unbatched else output
 

@@ -16,6 +16,7 @@ from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
 from dropkit.functional.dropconnect import apply_weight_mask
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
+from dropkit.ops import checked_rate
 
 __all__ = ["WeightDrop"]
 
@@ -209,12 +210,13 @@ class WeightDrop(_ProbabilityRate, _RandomLayer):
         key = resolve_key(raw[0], self._key(raw[0], seed, generator), generator)
         sizes = [weight.numel() for weight in raw]
         # The rate as a tensor (a graph input when compiled, read when the graph runs).
-        keep = keep_mask(key, self.p_tensor, (sum(sizes),))
+        rate = checked_rate(self.p_tensor)
+        keep = keep_mask(key, rate, (sum(sizes),))
         dropped = {}
         for name, weight, part in zip(self.weights, raw, keep.split(sizes), strict=True):
             part = part.reshape(weight.shape)
             if self.inverted:
-                dropped[name] = apply_weight_mask(weight, part, self.p_tensor)
+                dropped[name] = apply_weight_mask(weight, part, rate)
             else:
                 zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
                 dropped[name] = torch.where(part, weight, zero)
@@ -223,7 +225,7 @@ class WeightDrop(_ProbabilityRate, _RandomLayer):
     def _eval_weights(self) -> dict[str, torch.Tensor]:
         raw = self._raw_weights()
         # q = 1 - p in float64, rounded once to the compute dtype, as torch rounds a float q.
-        q = 1.0 - self.p_tensor.reshape(())
+        q = 1.0 - checked_rate(self.p_tensor).reshape(())
         return {
             name: weight * q.to(dtype=compute_dtype(weight.dtype), device=weight.device)
             for name, weight in zip(self.weights, raw, strict=True)
