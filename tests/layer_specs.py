@@ -95,6 +95,8 @@ class Observation:
     sd: torch.Tensor | None = None
     grad_mean: float | None = None
     grad_sd: float | None = None
+    # Units whose kept and dropped values coincide, so that the output cannot tell which it was.
+    ambiguous: torch.Tensor | None = None
 
 
 #: (keep_scale, keep_shift, drop_value, grad_scale) of each mask formula at drop rate p.
@@ -142,10 +144,6 @@ def bernoulli(
     return Observation(output, keep, expected, leaf, leaf_grad, True, mean, sd, grad_mean, grad_sd)
 
 
-def call(module: nn.Module, *args: Any, **rng: Any) -> Any:
-    return module(*args, **rng)
-
-
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(True)
 
@@ -170,7 +168,9 @@ class Functional:
 def unary(op: Callable[..., Any], rate_name: str = "p", **options: Any) -> Functional:
     """``op(input, rate, training, inplace, **options, seed=, generator=)``."""
 
-    def invoke(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+    def invoke(
+        op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+    ) -> Any:
         return op(args[0], rate, training, **options, **kw)
 
     return Functional(op, invoke, rate_name, inplace=True)
@@ -204,9 +204,10 @@ class LayerSpec:
     holds_rate_tensor: bool = True  # the module passes <rate>_tensor to its op
     probe: Callable[..., Observation] | None = None
     shared_dims: tuple[int, ...] = ()
-    # Per-call standard deviation of the dropped fraction (default: binomial over the draws), and
-    # how far its expectation may be from p (default: the engine's realised rate is compared).
+    # Per-call standard deviation of the dropped fraction, its expectation and how far the
+    # realised expectation may be from it (default: binomial draws of the engine's realised p).
     rate_sd: Callable[[float, torch.Size], float] | None = None
+    rate_target: Callable[[float, torch.Size], float] | None = None
     rate_slack: float | None = None
     expectation: bool = False  # E[output] = probe.mean (and gradients, where the probe says)
     # The documented eval result (None: the module draws in eval, or no eval contract here).
@@ -217,6 +218,7 @@ class LayerSpec:
     one: Callable[[nn.Module, Args], RateOne] | None = None
     inplace: bool = False
     unary: bool = False  # forward(input) over a functional op(input, rate, training, inplace)
+    keeps_layout: bool = True  # a unary op's output has the input's strides (memory format)
     seeded: bool = True  # forward takes seed= and generator=
     steps_per_call: int = 1  # rng_step advances of the module tree per drawing call
     grad_params: tuple[str, ...] = ()  # parameters gradcheck differentiates too
@@ -303,11 +305,24 @@ def unary_probe(shape: Sequence[int], formula: str = "inverted") -> Callable[...
     return probe
 
 
+#: What rate 1 must turn into exact values: never NaN out of 0 * inf.
+POISON = (math.inf, -math.inf, math.nan, 0.0, 1e38, -1e38)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Write POISON into the first elements (the first rows of a 2-D weight) of ``t``, in place."""
+    with torch.no_grad():
+        values = torch.tensor(POISON, dtype=t.dtype)
+        if t.dim() == 2:
+            t[: len(POISON)] = values.unsqueeze(1)
+        else:
+            t.view(-1)[: len(POISON)] = values
+    return t
+
+
 def poisoned(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Values with inf, -inf, 0 and +-1e38 in them, requiring grad."""
-    x = signed(shape, dtype)
-    x.view(-1)[:5] = torch.tensor([math.inf, -math.inf, 0.0, 1e38, -1e38])
-    return x.requires_grad_(True)
+    """Values with inf, -inf, NaN, 0 and +-1e38 in them, requiring grad."""
+    return poison_(signed(shape, dtype)).requires_grad_(True)
 
 
 def zeros_at_one(shape: Sequence[int]) -> Callable[[nn.Module, Args], RateOne]:
@@ -450,11 +465,14 @@ def gaussian_dropout_probe(module: nn.Module, p: float, dtype: torch.dtype, **rn
     x = leaf(signed((64, 48), dtype))
     y = module(x, **rng)
     ratio = math.sqrt(p / (1.0 - p))
+    exact = "seed" in rng and dtype == torch.float32
+    # With the seed again, input 1 gives the noise itself: backward multiplies by the same noise.
+    noise = module(torch.ones_like(x), **rng).detach() if exact else y.detach().double() / x.detach().double()
     return Observation(
         y,
         leaf=x,
-        leaf_grad=lambda g: (g.double() * y.detach().double() / x.detach().double()).to(g.dtype),
-        grad_exact=False,
+        leaf_grad=lambda g: (g.to(noise.dtype) * noise).to(g.dtype),
+        grad_exact=exact,
         mean=x.detach().double(),
         sd=x.detach().double().abs() * ratio,
         grad_mean=1.0,
@@ -525,12 +543,61 @@ def dropblock_probe(shape: tuple[int, ...]) -> Callable[..., Observation]:
     return probe
 
 
-def dropblock_rate_sd(block_size: int, shared_channels: bool) -> Callable[[float, torch.Size], float]:
+def coverage(feature: Sequence[int], block_size: int) -> torch.Tensor:
+    """n_j: how many valid seed positions drop unit j of a map (a product of per-axis counts)."""
+    counts = torch.ones((), dtype=torch.float64)
+    for size in feature:
+        block = min(block_size, size)
+        valid = size - block + 1
+        i = torch.arange(size, dtype=torch.float64)
+        axis = torch.clamp(i, max=valid - 1) - torch.clamp(i - block + 1, min=0) + 1
+        counts = counts.unsqueeze(-1) * axis
+    return counts
+
+
+def seed_rate_of(p: float, feature: Sequence[int], block_size: int) -> float:
+    """The seed rate gamma whose expected dropped fraction mean_j(1 - (1 - gamma)**n_j) is p."""
+    n = coverage(feature, block_size)
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        if float((1.0 - (1.0 - middle) ** n).mean()) < p:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def paper_seed_rate(p: float, feature: Sequence[int], block_size: int) -> float:
+    """Ghiasi et al.'s gamma = p / prod(b_i) * prod(F_i / (F_i - b_i + 1)), clipped to [0, 1]."""
+    gamma = p
+    for size in feature:
+        block = min(block_size, size)
+        gamma *= size / (block * (size - block + 1))
+    return min(gamma, 1.0)
+
+
+def dropblock_rate_target(block_size: int, exact_rate: bool) -> Callable[[float, torch.Size], float]:
+    """The expected dropped fraction: p itself with exact_rate, else what the paper's gamma gives."""
+
+    def target(p: float, shape: torch.Size) -> float:
+        if exact_rate:
+            return p
+        feature = shape[2:]
+        gamma = paper_seed_rate(p, feature, block_size)
+        return float((1.0 - (1.0 - gamma) ** coverage(feature, block_size)).mean())
+
+    return target
+
+
+def dropblock_rate_sd(
+    block_size: int, shared_channels: bool, exact_rate: bool
+) -> Callable[[float, torch.Size], float]:
     """Efron-Stein bound on the sd of the dropped fraction of one call.
 
-    Seeds are independent Bernoulli(gamma) draws with gamma <= p (every unit is covered by at
-    least one seed); resampling one seed changes the dropped fraction by at most
-    ``units per block / units``, so ``Var <= seeds * gamma (1 - gamma) * (units per block / units)**2``.
+    Seeds are independent Bernoulli(gamma) draws; resampling one seed changes the dropped
+    fraction by at most ``units per block / units``, so
+    ``Var <= seeds * gamma (1 - gamma) * (units per block / units)**2``.
     """
 
     def sd(p: float, shape: torch.Size) -> float:
@@ -539,9 +606,10 @@ def dropblock_rate_sd(block_size: int, shared_channels: bool) -> Callable[[float
         valid = math.prod(size - b + 1 for size, b in zip(feature, blocks, strict=True))
         seeds = n * (1 if shared_channels else c) * valid
         per_block = math.prod(blocks) * (c if shared_channels else 1)
-        units = math.prod(shape)
-        gamma = min(p, 0.5)
-        return math.sqrt(seeds * gamma * (1.0 - gamma)) * per_block / units
+        gamma = (
+            seed_rate_of(p, feature, block_size) if exact_rate else paper_seed_rate(p, feature, block_size)
+        )
+        return math.sqrt(seeds * gamma * (1.0 - gamma)) * per_block / math.prod(shape)
 
     return sd
 
@@ -549,7 +617,6 @@ def dropblock_rate_sd(block_size: int, shared_channels: bool) -> Callable[[float
 def dropblock_spec(
     name: str, cls: Callable[..., nn.Module], op: Callable[..., Any], shape: tuple[int, ...], **options: Any
 ) -> LayerSpec:
-    # exact_rate: the expected dropped fraction is p itself (the paper's gamma realises less).
     options = {"block_size": 3, "exact_rate": True, **options}
     shared = options.get("shared_channels", False)
     return unary_spec(
@@ -562,7 +629,9 @@ def dropblock_spec(
         options=options,
         module_options={k: v for k, v in options.items() if k != "spatial_rank"},
         probe=dropblock_probe(shape),
-        rate_sd=dropblock_rate_sd(options["block_size"], shared),
+        rate_sd=dropblock_rate_sd(options["block_size"], shared, options["exact_rate"]),
+        rate_target=dropblock_rate_target(options["block_size"], options["exact_rate"]),
+        keeps_layout=False,  # the block mask is built by pooling: a contiguous output
         # The realised seed rate is a multiple of 2**-16: a unit covered by at most
         # block_size**rank seeds is dropped with a probability off by at most that many 2**-17.
         rate_slack=options["block_size"] ** (len(shape) - 2) * 2.0**-17,
@@ -573,6 +642,10 @@ def dropblock_spec(
 DROPBLOCK_SPECS = [
     dropblock_spec("DropBlock1d", dropkit.nn.DropBlock1d, F.drop_block1d, (16, 8, 40)),
     dropblock_spec("DropBlock2d", dropkit.nn.DropBlock2d, F.drop_block2d, (8, 8, 12, 12)),
+    # The paper's seed rate (the default) realises slightly less than p: its own expected fraction.
+    dropblock_spec(
+        "DropBlock2d[paper gamma]", dropkit.nn.DropBlock2d, F.drop_block2d, (8, 8, 12, 12), exact_rate=False
+    ),
     dropblock_spec("DropBlock3d", dropkit.nn.DropBlock3d, F.drop_block3d, (4, 4, 6, 6, 6), block_size=2),
     dropblock_spec(
         "DropBlock2d[drop_block, shared_channels]",
@@ -601,7 +674,9 @@ def residual_inputs(bias: bool) -> Callable[[torch.dtype, bool], Args]:
 
 
 def residual_functional(bias: bool) -> Functional:
-    def invoke(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+    def invoke(
+        op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+    ) -> Any:
         return op(args[0], args[1], rate, training, bias=args[2] if bias else None, **kw)
 
     return Functional(F.residual_dropout, invoke)
@@ -631,7 +706,9 @@ def residual_one(bias: bool) -> Callable[[nn.Module, Args], RateOne]:
         x, residual = poisoned(RESIDUAL_SHAPE), signed(RESIDUAL_SHAPE).requires_grad_(True)
         b = poisoned(RESIDUAL_SHAPE[-1:]) if bias else None
         extra = (b,) if bias else ()
-        return RateOne((x, residual, *extra), residual.detach(), lambda: [x.grad] + ([b.grad] if bias else []))
+        return RateOne(
+            (x, residual, *extra), residual.detach(), lambda: [x.grad] + ([b.grad] if bias else [])
+        )
 
     return one
 
@@ -660,7 +737,9 @@ def attention_inputs(dtype: torch.dtype, small: bool) -> Args:
 
 
 def attention_functional() -> Functional:
-    def invoke(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+    def invoke(
+        op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+    ) -> Any:
         return op(*args, None, rate, training=training, **kw)
 
     return Functional(F.scaled_dot_product_attention, invoke, rate_name="dropout_p")
@@ -668,7 +747,7 @@ def attention_functional() -> Functional:
 
 def attention_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng: Any) -> Observation:
     # q = 0: every weight is exactly 1/S; v = I: the output is the dropped weights, bit for bit.
-    n, h, length, e = ATTENTION_SHAPE
+    n, h, length, _ = ATTENTION_SHAPE
     q = torch.zeros(ATTENTION_SHAPE, dtype=dtype)
     k = torch.randn(ATTENTION_SHAPE, dtype=torch.float64).to(dtype)
     v = torch.eye(length, dtype=dtype).expand(n, h, length, length)
@@ -722,25 +801,28 @@ def identity_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng: Any) 
 
 def weight_one(module: nn.Module, args: Args) -> RateOne:
     weight = module.module.weight
-    with torch.no_grad():
-        weight.view(-1)[:4] = torch.tensor([math.inf, -math.inf, 1e38, -1e38])
+    poison_(weight)
     x = signed((16, weight.shape[1])).requires_grad_(True)
     # Dropped weights are exact zeros; the output gradient stays finite (x @ 0 * inf is NaN).
     return RateOne((x,), torch.zeros(16, weight.shape[0]), lambda: [weight.grad], inf_grad=False)
 
 
-def drop_connect_functional(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+def drop_connect_functional(
+    op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+) -> Any:
     layer = module.module
     return torch_F.linear(args[0], op(layer.weight, rate, **kw), layer.bias)
 
 
-def moment_matching_functional(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+def moment_matching_functional(
+    op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+) -> Any:
     layer = module.module
     return op(args[0], layer.weight, layer.bias, rate, module.activation, samples=module.samples, **kw)
 
 
 def moment_matching_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng: Any) -> Observation:
-    x = signed((32, IN), dtype)
+    x = signed((64, IN), dtype)
     layer = module.module
     y = module(x, **rng)
     variance = torch_F.linear(x.double().square(), layer.weight.detach().double().square()) * (p / (1.0 - p))
@@ -753,7 +835,9 @@ def weight_drop_linear(p: float, **options: Any) -> nn.Module:
 
 def weight_drop_unscaled_eval(module: nn.Module, args: Args) -> torch.Tensor:
     layer = module.module
-    return torch_F.linear(args[0], layer.weight * torch.tensor(1.0 - module.p, dtype=torch.float32), layer.bias)
+    return torch_F.linear(
+        args[0], layer.weight * torch.tensor(1.0 - module.p, dtype=torch.float32), layer.bias
+    )
 
 
 def unscaled_identity_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng: Any) -> Observation:
@@ -769,7 +853,9 @@ def lstm_inputs(dtype: torch.dtype, small: bool) -> Args:
     return (signed((3, 2, LSTM_SIZES[0]) if small else (5, 3, LSTM_SIZES[0]), dtype),)
 
 
-def lstm_functional(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+def lstm_functional(
+    op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+) -> Any:
     lstm = module.module
     return functional_call(lstm, {"weight_hh_l0": op(lstm.weight_hh_l0, rate, **kw)}, args)
 
@@ -781,8 +867,7 @@ def lstm_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng: Any) -> O
 
 def lstm_one(module: nn.Module, args: Args) -> RateOne:
     lstm = module.module
-    with torch.no_grad():
-        lstm.weight_hh_l0.view(-1)[:4] = torch.tensor([math.inf, -math.inf, 1e38, -1e38])
+    poison_(lstm.weight_hh_l0)
     x = lstm_inputs(torch.float32, False)[0]
     expected = functional_call(lstm, {"weight_hh_l0": torch.zeros_like(lstm.weight_hh_l0)}, (x,))
     return RateOne((x,), expected, lambda: [lstm.weight_hh_l0.grad], inf_grad=False)
@@ -795,11 +880,15 @@ def ids_inputs(dtype: torch.dtype, small: bool) -> Args:
     return (torch.randint(0, 5 if small else VOCAB, (2, 3) if small else (8, 12)),)
 
 
-def embedding_functional(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+def embedding_functional(
+    op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+) -> Any:
     return op(args[0], module.module.weight, rate, training, per_token=module.per_token, **kw)
 
 
-def word_dropout_functional(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+def word_dropout_functional(
+    op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+) -> Any:
     # The documented equivalence: word_dropout on the ids, then a plain lookup.
     weight = module.module.weight
     ids = op(args[0], rate, training, unk_idx=module.unk_idx, num_embeddings=weight.shape[0], **kw)
@@ -828,14 +917,12 @@ def unk_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng: Any) -> Ob
         expected[UNK] = torch.where(keep, 0.0, g).sum(0)
         return expected
 
-    # The UNK row's gradient sums the dropped tokens' in the lookup's order: to float rounding.
-    return Observation(y, keep, torch.where(keep, rows, unk_row), weight, leaf_grad, grad_exact=False)
+    return Observation(y, keep, torch.where(keep, rows, unk_row), weight, leaf_grad)
 
 
 def embedding_one(module: nn.Module, args: Args) -> RateOne:
     weight = module.module.weight
-    with torch.no_grad():
-        weight[2:5] = torch.tensor([math.inf, -math.inf, 1e38]).unsqueeze(1)
+    poison_(weight[UNK + 1 :])
     ids = torch.arange(weight.shape[0]).reshape(4, -1)
     if module.unk_idx is None:
         return RateOne((ids,), torch.zeros(*ids.shape, DIM), lambda: [weight.grad])
@@ -865,7 +952,9 @@ WEIGHT_SPECS = [
     LayerSpec(
         "DropConnect[per_example]",
         "bernoulli",
-        make=lambda p: dropkit.nn.DropConnect(nn.Linear(24, 32, bias=False), p, per_example=True, chunk_size=5),
+        make=lambda p: dropkit.nn.DropConnect(
+            nn.Linear(24, 32, bias=False), p, per_example=True, chunk_size=5
+        ),
         exact_zero=False,  # per-example matmuls round unlike one linear
         inputs=lambda dtype, small: (signed((2, 24) if small else (12, 24), dtype),),
         probe=identity_probe,
@@ -878,7 +967,9 @@ WEIGHT_SPECS = [
         # Wan et al.'s inference: random in eval, keyed by seed= or the functional stream.
         "DropConnect[moment_matching]",
         "gaussian",
-        make=lambda p: dropkit.nn.DropConnect(nn.Linear(IN, 8), p, inference="moment_matching", samples=64).eval(),
+        make=lambda p: dropkit.nn.DropConnect(
+            nn.Linear(IN, 8), p, inference="moment_matching", samples=16
+        ).eval(),
         inputs=lambda dtype, small: (signed((2, IN) if small else (16, IN), dtype),),
         functional=Functional(F.moment_matching_linear, moment_matching_functional, training=False),
         probe=moment_matching_probe,
@@ -886,6 +977,7 @@ WEIGHT_SPECS = [
         eval_output=None,
         zero_output=lambda m, args: m.module(args[0]),
         exact_zero=False,  # the mean of identical samples, to float rounding
+        exact_layouts=False,  # the linear layer's matmul
         steps_per_call=0,  # eval draws from the functional stream, not the layer's
         differentiable=False,
         dtypes=(torch.float64,),
@@ -983,7 +1075,9 @@ def cell_inputs(lstm: bool) -> Callable[[torch.dtype, bool], Args]:
     return inputs
 
 
-def zoneout_functional(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+def zoneout_functional(
+    op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+) -> Any:
     x, hx = args
     new = module.module(x, hx)
     if isinstance(hx, tuple):
@@ -1032,6 +1126,7 @@ def zoneout_probe(lstm: bool) -> Callable[..., Observation]:
             leaf_grad,
             mean=p * prev.detach().double() + (1.0 - p) * new.double(),
             sd=spread * math.sqrt(p * (1.0 - p)),
+            ambiguous=new == prev.detach(),  # a memory cell whose forget gate is ~1, in half precision
         )
 
     return probe
@@ -1077,11 +1172,11 @@ ZONEOUT_SPECS = [
 
 # --- residual branches and layer stacks ---------------------------------------------------------
 
-BRANCH_SHAPE = (64, 3, 2)
-
 
 def stochastic_depth_functional(mode: str) -> Functional:
-    def invoke(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+    def invoke(
+        op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+    ) -> Any:
         x = args[0]
         return x + op(module.module(x), rate, training, mode=mode, **kw)
 
@@ -1091,23 +1186,22 @@ def stochastic_depth_functional(mode: str) -> Functional:
 def stochastic_depth_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng: Any) -> Observation:
     # x = 0: the output is the dropped branch, which is the branch's parameter.
     weight = module.module.weight
-    return bernoulli(module(torch.zeros(BRANCH_SHAPE, dtype=dtype), **rng), weight.detach(), p, leaf=weight)
+    return bernoulli(module(torch.zeros(weight.shape, dtype=dtype), **rng), weight.detach(), p, leaf=weight)
 
 
 def stochastic_depth_one(module: nn.Module, args: Args) -> RateOne:
     weight = module.module.weight
-    with torch.no_grad():
-        weight.view(-1)[:4] = torch.tensor([math.inf, -math.inf, 1e38, -1e38])
-    x = signed(BRANCH_SHAPE).requires_grad_(True)
+    poison_(weight)
+    x = signed(weight.shape).requires_grad_(True)
     return RateOne((x,), x.detach(), lambda: [weight.grad], skips=module.mode == "batch")
 
 
-def stochastic_depth_spec(mode: str) -> LayerSpec:
+def stochastic_depth_spec(mode: str, shape: tuple[int, ...]) -> LayerSpec:
     return LayerSpec(
         "StochasticDepth" + ("" if mode == "row" else f"[{mode}]"),
         "bernoulli",
-        make=lambda p: dropkit.nn.StochasticDepth(AddParameter(BRANCH_SHAPE), p, mode=mode),
-        inputs=lambda dtype, small: (signed(BRANCH_SHAPE, dtype),),
+        make=lambda p: dropkit.nn.StochasticDepth(AddParameter(shape), p, mode=mode),
+        inputs=lambda dtype, small: (signed(shape, dtype),),
         functional=stochastic_depth_functional(mode),
         probe=stochastic_depth_probe,
         shared_dims=(1, 2) if mode == "row" else (0, 1, 2),
@@ -1130,8 +1224,7 @@ def layer_drop_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng: Any
 
 def layer_drop_one(module: nn.Module, args: Args) -> RateOne:
     weight = module.layers[0].weight
-    with torch.no_grad():
-        weight[:4] = torch.tensor([math.inf, -math.inf, 1e38, -1e38])
+    poison_(weight)
     x = signed((4, STACK)).requires_grad_(True)
     return RateOne((x,), x.detach(), lambda: [weight.grad])
 
@@ -1144,8 +1237,8 @@ def layer_drop_sequential(module: nn.Module, args: Args) -> torch.Tensor:
 
 
 BRANCH_SPECS = [
-    stochastic_depth_spec("row"),
-    stochastic_depth_spec("batch"),
+    stochastic_depth_spec("row", (64, 3, 2)),
+    stochastic_depth_spec("batch", (4, 3, 2)),
     LayerSpec(
         "LayerDrop",
         "bernoulli",
@@ -1163,7 +1256,9 @@ BRANCH_SPECS = [
 # --- learned rates: concrete and variational dropout ----------------------------------------------
 
 
-def concrete_functional(op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any) -> Any:
+def concrete_functional(
+    op: Callable[..., Any], module: nn.Module, args: Args, rate: Any, training: bool, **kw: Any
+) -> Any:
     x = args[0]
     dims = tuple(range(x.dim() - 2, x.dim())) if isinstance(module.module, nn.Conv2d) else ()
     x = op(x, module.p_logit, training, temperature=module.temperature, broadcast_dims=dims, **kw)
@@ -1229,14 +1324,14 @@ def variational_spec(cls: type[nn.Module], args: tuple[Any, ...], shape: tuple[i
 LEARNED_SPECS = [
     concrete_spec("ConcreteDropout[Linear]", lambda: nn.Linear(16, 8), (32, 16)),
     concrete_spec("ConcreteDropout[Conv2d]", lambda: nn.Conv2d(4, 3, 3), (4, 4, 6, 6)),
-    variational_spec(dropkit.nn.VariationalLinear, (16, 12), (32, 16)),
-    variational_spec(dropkit.nn.VariationalConv1d, (3, 4, 3), (4, 3, 10)),
-    variational_spec(dropkit.nn.VariationalConv2d, (3, 4, 3), (2, 3, 6, 6)),
-    variational_spec(dropkit.nn.VariationalConv3d, (2, 3, 3), (2, 2, 4, 4, 4)),
-    variational_spec(dropkit.nn.SparseVariationalLinear, (16, 12), (32, 16)),
-    variational_spec(dropkit.nn.SparseVariationalConv1d, (3, 4, 3), (4, 3, 10)),
-    variational_spec(dropkit.nn.SparseVariationalConv2d, (3, 4, 3), (2, 3, 6, 6)),
-    variational_spec(dropkit.nn.SparseVariationalConv3d, (2, 3, 3), (2, 2, 4, 4, 4)),
+    variational_spec(dropkit.nn.VariationalLinear, (16, 12), (64, 16)),
+    variational_spec(dropkit.nn.VariationalConv1d, (3, 4, 3), (4, 3, 34)),
+    variational_spec(dropkit.nn.VariationalConv2d, (3, 4, 3), (2, 3, 10, 10)),
+    variational_spec(dropkit.nn.VariationalConv3d, (2, 3, 3), (2, 2, 6, 6, 6)),
+    variational_spec(dropkit.nn.SparseVariationalLinear, (16, 12), (64, 16)),
+    variational_spec(dropkit.nn.SparseVariationalConv1d, (3, 4, 3), (4, 3, 34)),
+    variational_spec(dropkit.nn.SparseVariationalConv2d, (3, 4, 3), (2, 3, 10, 10)),
+    variational_spec(dropkit.nn.SparseVariationalConv3d, (2, 3, 3), (2, 2, 6, 6, 6)),
 ]
 
 
@@ -1282,14 +1377,14 @@ def token_embedding_probe(module: nn.Module, p: float, dtype: torch.dtype, **rng
         y = module(torch.randint(0, EMBED_VOCAB, (64, EMBED_LEN)))
     finally:
         remove()
-    seen[0].retain_grad()
+    if seen[0].requires_grad:
+        seen[0].retain_grad()
     return bernoulli(y, seen[0], p, leaf=seen[0])
 
 
 def token_embedding_one(module: nn.Module, args: Args) -> RateOne:
     weight = module.token.weight
-    with torch.no_grad():
-        weight[:3] = torch.tensor([math.inf, -math.inf, 1e38]).unsqueeze(1)
+    poison_(weight)
     tokens = torch.arange(EMBED_VOCAB).reshape(5, 10)
     return RateOne((tokens,), torch.zeros(5, 10, EMBED_DIM), lambda: [weight.grad])
 
@@ -1301,7 +1396,7 @@ COMPOSITE_SPECS = [
         make=block,
         inputs=lambda dtype, small: (signed((1, 3, D_MODEL) if small else (2, 5, D_MODEL), dtype),),
         rate_name="dropout",
-        extra_rate_names=("attention_dropout", "ffn_dropout"),
+        extra_rate_names=("attention_dropout", "residual_dropout", "ffn_dropout"),
         holds_rate_tensor=False,  # its dropout layers hold them
         eval_output=block_eval,
         exact_zero=False,  # a training call takes the explicit attention path, eval torch's kernel
@@ -1341,16 +1436,18 @@ SPECS: list[LayerSpec] = [
 ]
 
 
-def where(**flags: Any) -> list[LayerSpec]:
-    """The specs whose attributes have the given values; ``attr=...`` (Ellipsis): not None."""
-    chosen = []
-    for spec in SPECS:
+def where(predicate: Callable[[LayerSpec], bool] | None = None, **flags: Any) -> list[LayerSpec]:
+    """The specs whose attributes have the given values (``attr=...``, Ellipsis: not None) and
+    that satisfy ``predicate``: the specs a check applies to."""
+    return [
+        spec
+        for spec in SPECS
         if all(
             (getattr(spec, name) is not None) if value is ... else getattr(spec, name) == value
             for name, value in flags.items()
-        ):
-            chosen.append(spec)
-    return chosen
+        )
+        and (predicate is None or predicate(spec))
+    ]
 
 
 def ids(specs: list[LayerSpec]) -> list[str]:

@@ -105,22 +105,6 @@ def test_uniforms_are_a_pure_function_of_the_key() -> None:
     assert abs(u.double().mean().item() - 0.5) <= SIGMAS * math.sqrt(1 / 12 / 1000)
 
 
-def test_seeded_calls_repeat_and_unseeded_calls_differ() -> None:
-    x, logit = torch.randn(100), torch.tensor(0.0)
-    assert torch.equal(concrete_dropout(x, logit, seed=5), concrete_dropout(x, logit, seed=5))
-    assert not torch.equal(concrete_dropout(x, logit), concrete_dropout(x, logit))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_input_is_computed_in_float32(dtype: torch.dtype) -> None:
-    x = torch.randn(4, 50)
-    logit = _logit(0.2)
-    y = concrete_dropout(x.to(dtype), logit, seed=9)
-    assert y.dtype == dtype
-    reference = concrete_dropout(x.to(dtype).float(), logit, seed=9).to(dtype)
-    assert torch.equal(y, reference)
-
-
 # ---------------------------------------------------------------------------------------------
 # Gradients
 # ---------------------------------------------------------------------------------------------
@@ -136,16 +120,6 @@ def test_gradient_reaches_p_logit_and_input() -> None:
     assert logit.grad.item() != 0.0
 
 
-def test_gradcheck_float64() -> None:
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    logit = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
-
-    def op(inp: torch.Tensor, lg: torch.Tensor) -> torch.Tensor:
-        return concrete_dropout(inp, lg, temperature=0.5, seed=42)
-
-    assert torch.autograd.gradcheck(op, (x, logit))
-
-
 # ---------------------------------------------------------------------------------------------
 # Eval
 # ---------------------------------------------------------------------------------------------
@@ -156,23 +130,7 @@ def test_functional_eval_is_identity() -> None:
     assert concrete_dropout(x, torch.tensor(2.0), training=False) is x
 
 
-def test_module_eval_is_deterministic_layer_and_draws_nothing() -> None:
-    layer = nn.Linear(6, 3)
-    m = ConcreteDropout(layer, init_p=0.5).eval()
-    x = torch.randn(4, 6)
-    y1, y2 = m(x), m(x)
-    assert torch.equal(y1, layer(x))
-    assert torch.equal(y1, y2)
-    assert int(m.rng_step) == 0
-
-
-def test_module_training_draws_fresh_noise_and_channel_form() -> None:
-    m = ConcreteDropout(nn.Linear(6, 3), init_p=0.5)
-    x = torch.randn(4, 6)
-    assert not torch.equal(m(x), m(x))
-    assert int(m.rng_step) == 2
-    assert torch.equal(m(x, seed=3), m(x, seed=3))
-
+def test_module_channel_form_draws_one_uniform_per_sample_and_channel() -> None:
     conv = ConcreteDropout(nn.Conv2d(4, 2, 1, bias=False), init_p=0.5, temperature=1.0)
     with torch.no_grad():
         conv.module.weight.zero_()
@@ -311,12 +269,6 @@ def test_bad_p_logit_and_input() -> None:
         concrete_dropout(torch.ones(2), torch.zeros(3, 2))
     with pytest.raises(TypeError, match="temperature"):
         concrete_dropout(torch.ones(2), torch.tensor(0.0), temperature="0.1")  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("init_p", [0.0, 1.0, 1.5, -0.2])
-def test_bad_init_p(init_p: float) -> None:
-    with pytest.raises(ValueError, match=rf"init_p.*{init_p}"):
-        ConcreteDropout(nn.Linear(2, 2), init_p=init_p)
 
 
 def test_bad_layer_and_regularizers() -> None:

@@ -11,10 +11,8 @@ from torch import nn
 
 import dropkit
 from dropkit.engine import streams
-from dropkit.engine.numerics import realised_drop_probability
 from dropkit.functional.droppath import drop_path, stochastic_depth_rates
 from dropkit.nn.droppath import DropPath, LayerDrop, StochasticDepth
-from tests.conftest import binomial_tolerance
 
 
 def _rows_dropped(y: torch.Tensor, x: torch.Tensor, p: float, batch_dim: int = 0) -> torch.Tensor:
@@ -30,49 +28,6 @@ def _rows_dropped(y: torch.Tensor, x: torch.Tensor, p: float, batch_dim: int = 0
 # --- functional -------------------------------------------------------------------------------
 
 
-def test_row_mode_drops_whole_samples() -> None:
-    x = torch.rand(64, 3, 5) + 0.5  # no zeros, so a kept sample is never all zero
-    y = drop_path(x, 0.3, seed=1)
-    dropped = _rows_dropped(y, x, 0.3)
-    assert 0 < int(dropped.sum()) < 64
-
-
-def test_row_drop_rate_within_six_sigma() -> None:
-    n, p = 40_000, 0.3
-    y = drop_path(torch.ones(n, 4), p, seed=2)
-    rate = float((y == 0).all(1).double().mean())
-    assert abs(rate - realised_drop_probability(p)) <= binomial_tolerance(p, n)
-
-
-def test_expectation_of_output_and_gradient_is_preserved() -> None:
-    # Fill with q: kept entries become exactly 1 and dropped ones 0, so the mean is a binomial
-    # frequency with expectation q, the input value.  Same trick for the gradient.
-    n, p = 40_000, 0.25
-    q = 1.0 - p
-    x = torch.full((n, 3), q, requires_grad=True)
-    y = drop_path(x, p, seed=3)
-    assert set(y.unique().tolist()) <= {0.0, 1.0}
-    tol = binomial_tolerance(q, n)
-    assert abs(float(y.detach()[:, 0].double().mean()) - q) <= tol
-    y.backward(torch.full_like(y, q))
-    assert x.grad is not None
-    assert torch.equal(x.grad, y.detach()), "backward must regenerate the forward mask"
-    assert abs(float(x.grad[:, 0].double().mean()) - q) <= tol
-
-
-def test_batch_mode_makes_one_draw() -> None:
-    p, calls = 0.4, 3000
-    x = torch.rand(4, 6) + 0.5
-    dropped = 0
-    for seed in range(calls):
-        y = drop_path(x, p, mode="batch", seed=seed)
-        if bool((y == 0).all()):
-            dropped += 1
-        else:
-            torch.testing.assert_close(y, x / (1 - p), rtol=1e-6, atol=0.0)
-    assert abs(dropped / calls - realised_drop_probability(p)) <= binomial_tolerance(p, calls)
-
-
 def test_batch_mode_on_a_scalar() -> None:
     x = torch.tensor(2.0)
     outs = {float(drop_path(x, 0.5, mode="batch", seed=s)) for s in range(64)}
@@ -86,55 +41,6 @@ def test_batch_dim_other_than_zero(batch_dim: int) -> None:
     dropped = _rows_dropped(y, x, 0.5, batch_dim=1)
     assert 0 < int(dropped.sum()) < 64
     assert torch.equal(y, drop_path(x, 0.5, batch_dim=1, seed=4))
-
-
-def test_extremes_and_eval() -> None:
-    x = torch.tensor([[float("inf"), 1.0], [float("nan"), -2.0]], requires_grad=True)
-    y = drop_path(x, 1.0)
-    assert torch.equal(y, torch.zeros(2, 2)), "p = 1 gives exact zeros, never NaN"
-    y.sum().backward()
-    assert x.grad is not None
-    assert torch.equal(x.grad, torch.zeros(2, 2))
-    z = torch.randn(3, 2)
-    assert drop_path(z, 0.0) is z
-    assert drop_path(z, 0.9, training=False) is z
-    assert drop_path(z, 0.9, False, mode="batch") is z
-
-
-def test_inplace_writes_into_input() -> None:
-    x = torch.rand(16, 3) + 0.5
-    expected = drop_path(x, 0.5, seed=5)
-    y = drop_path(x, 0.5, inplace=True, seed=5)
-    assert y is x
-    assert torch.equal(x, expected)
-
-
-@pytest.mark.parametrize("mode", ["row", "batch"])
-def test_gradcheck_float64(mode: str) -> None:
-    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    for seed in (11, 12):  # the batch draw may drop or keep; both are linear maps
-
-        def fn(inp: torch.Tensor, seed: int = seed) -> torch.Tensor:
-            return drop_path(inp, 0.5, mode=mode, seed=seed)
-
-        assert torch.autograd.gradcheck(fn, (x,))
-        assert torch.autograd.gradgradcheck(fn, (x,))
-
-
-@pytest.mark.parametrize("mode", ["row", "batch"])
-def test_backward_keeps_only_the_key(mode: str) -> None:
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    x = torch.randn(32, 64, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = DropPath(0.3, mode=mode)(x)
-    y.sum().backward()
-    # The 3-word key and the module's one-element rate holder: nothing per element.
-    assert sum(saved) <= 24 + 8, f"saved {saved} bytes: only the key and the rate may be kept"
 
 
 @pytest.mark.parametrize(("mode", "batch_dim"), [("row", 0), ("row", 1), ("batch", 0)])
@@ -211,28 +117,6 @@ def test_stochastic_depth_module_keys_match_computed_path() -> None:
     assert 0 < branch.calls < 40
 
 
-def test_stochastic_depth_row_mode_and_eval() -> None:
-    branch = _Counting()
-    sd = StochasticDepth(branch, 0.5)
-    x = torch.randn(32, 4)
-    with torch.no_grad():
-        y = sd(x, seed=9)
-        assert torch.equal(y, x + drop_path(branch.linear(x), 0.5, seed=9))
-        sd.eval()
-        assert torch.equal(sd(x), x + branch.linear(x))
-    assert branch.calls == 2
-
-
-def test_stochastic_depth_extremes() -> None:
-    branch = _Counting()
-    x = torch.randn(5, 4)
-    with torch.no_grad():
-        assert torch.equal(StochasticDepth(branch, 1.0, mode="batch")(x), x)
-        assert branch.calls == 0
-        assert torch.equal(StochasticDepth(branch, 1.0)(x), x)
-        assert torch.equal(StochasticDepth(branch, 0.0, mode="batch")(x), x + branch.linear(x))
-
-
 def test_stochastic_depth_defaults_and_state_dict() -> None:
     sd = StochasticDepth(nn.Linear(4, 4))
     assert sd.p == DropPath().p == 0.1  # the module pair agrees on the default rate
@@ -273,24 +157,6 @@ class _AddOne(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return x + 1
-
-
-def test_layerdrop_skip_frequency_and_eval() -> None:
-    p, n_layers, forwards = 0.3, 8, 500
-    layers = [_AddOne() for _ in range(n_layers)]
-    stack = LayerDrop(layers, p)
-    x = torch.zeros(2)
-    applied = 0
-    for _ in range(forwards):
-        y = stack(x)
-        applied += int(y[0])
-    assert applied == sum(layer.calls for layer in layers)
-    n = n_layers * forwards
-    q = 1.0 - realised_drop_probability(p)
-    assert abs(applied / n - q) <= binomial_tolerance(q, n)
-    assert all(0 < layer.calls < forwards for layer in layers), "each layer draws on its own"
-    stack.eval()
-    assert torch.equal(stack(x), x + n_layers)
 
 
 def test_layerdrop_decisions_follow_the_key() -> None:
@@ -355,13 +221,7 @@ def test_stochastic_depth_rates() -> None:
         ({"batch_dim": -3}, ValueError, "batch_dim"),
         ({"batch_dim": True}, TypeError, "batch_dim"),
         ({"batch_dim": 0.0}, TypeError, "batch_dim"),
-        ({"p": 1.5}, ValueError, r"p must be in \[0, 1\]"),
-        ({"p": -0.1}, ValueError, "p must"),
-        ({"p": float("nan")}, ValueError, "NaN"),
-        ({"p": "0.1"}, TypeError, "p must be a float"),
-        ({"training": 1}, TypeError, "training"),
         ({"inplace": None}, TypeError, "inplace"),
-        ({"seed": 1, "generator": torch.Generator()}, ValueError, "at most one"),
     ],
 )
 def test_drop_path_bad_arguments(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
@@ -372,10 +232,6 @@ def test_drop_path_bad_arguments(kwargs: dict[str, object], error: type[Exceptio
 def test_drop_path_bad_input() -> None:
     with pytest.raises(ValueError, match="0-D"):
         drop_path(torch.tensor(1.0))
-    with pytest.raises(TypeError, match="floating-point"):
-        drop_path(torch.ones(4, 3, dtype=torch.int64))
-    with pytest.raises(TypeError, match=r"torch\.Tensor"):
-        drop_path([1.0, 2.0])  # type: ignore[arg-type]
 
 
 def test_module_bad_arguments() -> None:
@@ -383,14 +239,10 @@ def test_module_bad_arguments() -> None:
         DropPath(0.1, mode="col")
     with pytest.raises(TypeError, match="batch_dim"):
         DropPath(0.1, batch_dim="0")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="p must"):
-        DropPath(1.1)
     with pytest.raises(ValueError, match="batch_dim"):
         DropPath(0.1, batch_dim=5)(torch.randn(2, 3))
     with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module"):
         StochasticDepth(lambda x: x, 0.1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="p must"):
-        StochasticDepth(nn.Identity(), 2.0)
     with pytest.raises(ValueError, match="'sample'"):
         StochasticDepth(nn.Identity(), 0.1, mode="sample")
     with pytest.raises(ValueError, match="at least one"):
@@ -399,8 +251,6 @@ def test_module_bad_arguments() -> None:
         LayerDrop([nn.Identity(), "relu"], 0.1)  # type: ignore[list-item]
     with pytest.raises(TypeError, match="single Linear"):
         LayerDrop(nn.Linear(2, 2), 0.1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="p must"):
-        LayerDrop([nn.Identity()], -0.5)
 
 
 @pytest.mark.parametrize(

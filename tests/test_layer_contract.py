@@ -22,12 +22,12 @@ from torch.func import functional_call
 import dropkit
 from dropkit.nn._base import _RandomLayer
 from tests.conftest import SIGMAS, binomial_tolerance
-from tests.layer_specs import SPECS, Args, LayerSpec, Observation, identity_eval, signed
+from tests.layer_specs import SPECS, Args, LayerSpec, Observation, identity_eval, signed, where
 
 F32 = torch.float32
 # Draws per statistical check (n_eff * calls), and the most calls a check makes to get them.
 DRAWS = 20_000
-MAX_CALLS = 2_000
+MAX_CALLS = 1_000
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -36,26 +36,18 @@ MAX_CALLS = 2_000
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
-def cases(test: str, **flags: Any) -> list[Any]:
-    """The specs a check applies to (see layer_specs.where), known library bugs marked xfail."""
-    chosen = []
-    for spec in SPECS:
-        if not all(
-            (getattr(spec, name) is not None) if value is ... else getattr(spec, name) == value
-            for name, value in flags.items()
-        ):
-            continue
+def cases(test: str, predicate: Any = None, **flags: Any) -> list[Any]:
+    """The specs a check applies to (layer_specs.where), known library bugs marked xfail."""
+    params = []
+    for spec in where(predicate, **flags):
         reason = KNOWN_BUGS.get((test, spec.name))
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        chosen.append(pytest.param(spec, id=spec.name, marks=marks))
-    return chosen
+        params.append(pytest.param(spec, id=spec.name, marks=marks))
+    return params
 
 
 def for_specs(test: str, *, predicate: Any = None, **flags: Any) -> Any:
-    params = cases(test, **flags)
-    if predicate is not None:
-        params = [param for param in params if predicate(param.values[0])]
-    return pytest.mark.parametrize("spec", params)
+    return pytest.mark.parametrize("spec", cases(test, predicate, **flags))
 
 
 def tensors(value: Any) -> list[torch.Tensor]:
