@@ -179,10 +179,11 @@ def test_selection_by_type() -> None:
     model = transformer()
     rates = S.attach(model, S.Constant(0.2), modules=dropkit.nn.DropPath)
     assert rates.attachments[0].names == ["0.drop_path", "1.drop_path"]
+    # dropkit's Dropout is an nn.Dropout too: selecting torch's type selects it.
     rates.attach(model, S.Constant(0.05), modules=(nn.Dropout, nn.Dropout1d))
-    assert rates.attachments[1].names == ["0.resid_drop", "1.resid_drop", "2"]
+    assert rates.attachments[1].names == ["0.attn_drop", "0.resid_drop", "1.attn_drop", "1.resid_drop", "2"]
     assert [model[0].drop_path.p, model[0].resid_drop.p, model[2].p] == [0.2, 0.05, 0.05]
-    assert model[0].attn_drop.p == 0.1
+    assert model[0].attn_drop.p == 0.05
 
 
 @pytest.mark.parametrize(
@@ -220,7 +221,7 @@ def test_attention_and_residual_dropout_follow_different_schedules() -> None:
 def test_type_and_name_together_select_the_intersection() -> None:
     model = transformer()
     rates = S.attach(model, S.Constant(0.0), modules=nn.Dropout, names="0.*")
-    assert rates.attachments[0].names == ["0.resid_drop"]
+    assert rates.attachments[0].names == ["0.attn_drop", "0.resid_drop"]
 
 
 def test_selection_errors() -> None:
@@ -285,10 +286,11 @@ def test_attaching_to_a_compiled_model_warns_about_float_rates_it_would_recompil
     compiled = torch.compile(model)  # not run: wrapping is enough to see the compiled model
     with pytest.warns(UserWarning, match=r"treats 'p' of '0.resid_drop', '1.resid_drop' as a constant"):
         rates = S.attach(compiled, S.Constant(0.0), modules=nn.Dropout)
-    assert rates.attachments[0].names == ["0.resid_drop", "1.resid_drop"]  # attached all the same
+    # attached all the same (dropkit's Dropout, an nn.Dropout too, without a warning)
+    assert rates.attachments[0].names == ["0.attn_drop", "0.resid_drop", "1.attn_drop", "1.resid_drop"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rates.attach(compiled, S.Constant(0.0), names="*.attn_drop")  # dropkit Dropout: no warning
+        S.attach(compiled, S.Constant(0.0), names="*.attn_drop")  # dropkit Dropout: no warning
         S.attach(model, S.Constant(0.0), modules=nn.Dropout1d)  # not compiled: nothing to say
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "gaussian_dropout",
     "gaussian_noise",
     "masked_affine",
+    "refuse_jit_trace",
     "RateOp",
     "zeros_like_connected",
 ]
@@ -85,6 +86,18 @@ def _eager_fast_path(*tensors: torch.Tensor) -> bool:
     # functionalize has no rule for autograd.Functions; the custom op is functional already.
     interpreter = torch._C._functorch.peek_interpreter_stack()
     return interpreter is None or interpreter.key() != _FUNCTIONALIZE
+
+
+def refuse_jit_trace() -> None:
+    """``torch.jit.trace`` records tensors, not the key a call draws: a traced training-mode
+    model would replay one mask on every call, silently.  Refuse it with what to use instead."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "dropkit's random ops cannot be recorded by torch.jit.trace in training mode: the "
+            "trace would replay one mask on every call. Use torch.compile or torch.export for a "
+            "training-mode graph, or trace the model in eval mode (model.eval()), where dropout "
+            "is the identity"
+        )
 
 
 def _plain_rate(rate: Rate) -> bool:
@@ -272,6 +285,7 @@ class RateOp:
         return (self._grad(ctx, grad), None, None, *([None] * len(ctx.options)))
 
     def __call__(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *options: Any) -> torch.Tensor:
+        refuse_jit_trace()
         # Kept lean: this runs on every dropout call.  A fake or subclass rate tensor (only a
         # traced op may see one) takes the op.
         if _eager_fast_path(x, key) and (type(rate) is float or type(rate) is torch.Tensor):
@@ -418,6 +432,7 @@ def bias_dropout_add(
     x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, rate: Rate
 ) -> torch.Tensor:
     """``residual + where(keep, (x + bias) / q, 0)`` with the element mask of ``x``."""
+    refuse_jit_trace()
     if _eager_fast_path(x, bias, residual, key) and _plain_rate(rate):
         return _BiasDropoutAdd.apply(x, bias, residual, key, rate)
     return _bias_dropout_add_op(x, bias, residual, key, as_rate_tensor(rate))

@@ -9,7 +9,7 @@ import torch
 from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
 from dropkit.engine.numerics import compute_dtype
 from dropkit.engine.streams import draw_functional_key, key_from_generator, make_key, to_device_async
-from dropkit.ops import Rate, checked_rate, zeros_like_connected
+from dropkit.ops import Rate, checked_rate, refuse_jit_trace, zeros_like_connected
 
 SeedLike = int | torch.Tensor | None
 
@@ -39,6 +39,8 @@ def keep_probability(p: Rate) -> Rate:
 
 def check_common(input: object, training: object, inplace: object) -> torch.Tensor:
     check_bool(training, "training")
+    if training:
+        refuse_jit_trace()
     check_bool(inplace, "inplace")
     return check_floating_tensor(input)
 
@@ -46,6 +48,7 @@ def check_common(input: object, training: object, inplace: object) -> torch.Tens
 def resolve_key(input: torch.Tensor, seed: SeedLike, generator: torch.Generator | None) -> torch.Tensor:
     """The key of this call: explicit ``seed`` (int or key tensor), ``generator``, or the
     functional stream of the global seed."""
+    refuse_jit_trace()
     if seed is not None and generator is not None:
         raise ValueError("pass at most one of seed and generator, got both")
     if generator is not None:

@@ -11,6 +11,7 @@ from torch import nn
 from dropkit._validation import check_bool, check_probability
 from dropkit.engine.streams import allocate_stream, draw_key, register_step_owner
 from dropkit.functional._common import SeedLike
+from dropkit.ops import refuse_jit_trace
 
 
 def _mirror_rate(module: object, name: str, value: float) -> None:
@@ -88,6 +89,14 @@ class _RandomLayer(nn.Module):
         self.register_buffer("rng_step", torch.zeros(1, dtype=torch.int64), persistent=False)
         register_step_owner(self)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this first: say what to use instead of a parse error.
+        raise RuntimeError(
+            f"{type(self).__name__} is not TorchScript-compatible (dropkit's ops are "
+            "torch.library custom ops with Python keys and rates). Use torch.compile or "
+            "torch.export; for inference only, dropkit.nn layers are the identity in eval mode"
+        )
+
     def reset_rng_step(self) -> None:
         with torch.no_grad():
             self.rng_step.zero_()
@@ -112,6 +121,7 @@ class _RandomLayer(nn.Module):
 
     def _key(self, input: torch.Tensor, seed: SeedLike, generator: torch.Generator | None) -> SeedLike:
         """The key for a training forward: the per-call override, else this layer's next draw."""
+        refuse_jit_trace()
         if seed is not None or generator is not None or not isinstance(input, torch.Tensor):
             return seed
         return draw_key(self.rng_stream, self.rng_step).to(input.device)
@@ -135,9 +145,12 @@ class _UnaryRandomLayer(_RandomLayer):
         """Apply the layer; ``seed`` (int or key) or ``generator`` fix the randomness of this call."""
         if self.training:
             seed = self._key(input, seed, generator)
+        holder = self._rate_holder
+        # Traced (eval only: training refuses) the float, a constant, not a read of the holder.
+        rate = self.__dict__["_" + holder.removesuffix("_tensor") if torch.jit.is_tracing() else holder]
         return type(self)._functional(
             input,
-            self.__dict__[self._rate_holder],
+            rate,
             self.training,
             self.inplace,
             seed=seed,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import torch
+
 from dropkit import functional as F
 from dropkit.nn._base import _ChannelDropoutBase, _DropoutBase
 
 __all__ = ["AlphaDropout", "FeatureAlphaDropout"]
 
 
-class AlphaDropout(_DropoutBase):
+class AlphaDropout(_DropoutBase, torch.nn.AlphaDropout):
     r"""Dropout that keeps a SELU network self-normalizing.
 
     Dropped units are set to SELU's negative saturation value
@@ -43,7 +45,7 @@ class AlphaDropout(_DropoutBase):
     _functional = staticmethod(F.alpha_dropout)
 
 
-class FeatureAlphaDropout(_ChannelDropoutBase):
+class FeatureAlphaDropout(_ChannelDropoutBase, torch.nn.FeatureAlphaDropout):
     r"""Alpha dropout of whole channels: one draw per (sample, channel), shared over space.
 
     The same correction as :class:`AlphaDropout`, with a channel mask as in

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from dropkit import functional as F
 from dropkit._validation import check_bool, normalize_dims
 from dropkit.nn._base import _ChannelDropoutBase, _DropoutBase
@@ -12,7 +14,7 @@ from dropkit.nn._base import _ChannelDropoutBase, _DropoutBase
 __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d"]
 
 
-class Dropout(_DropoutBase):
+class Dropout(_DropoutBase, torch.nn.Dropout):
     r"""Randomly zero elements with probability ``p`` during training.
 
     Inverted dropout (the default) draws :math:`r \sim \mathrm{Bernoulli}(q)`, :math:`q = 1 - p`,
@@ -82,7 +84,7 @@ class Dropout(_DropoutBase):
         return {"inverted": self.inverted, "broadcast_dims": self.broadcast_dims}
 
 
-class Dropout1d(_ChannelDropoutBase):
+class Dropout1d(_ChannelDropoutBase, torch.nn.Dropout1d):
     r"""Randomly zero whole channels of 1-D feature maps (spatial dropout).
 
     One Bernoulli draw per (sample, channel) is broadcast over the length axis; kept channels are
@@ -111,7 +113,7 @@ class Dropout1d(_ChannelDropoutBase):
     _functional = staticmethod(F.dropout1d)
 
 
-class Dropout2d(_ChannelDropoutBase):
+class Dropout2d(_ChannelDropoutBase, torch.nn.Dropout2d):
     r"""Randomly zero whole channels of 2-D feature maps (spatial dropout).
 
     One Bernoulli draw per (sample, channel) is broadcast over height and width; kept channels are
@@ -141,7 +143,7 @@ class Dropout2d(_ChannelDropoutBase):
     _functional = staticmethod(F.dropout2d)
 
 
-class Dropout3d(_ChannelDropoutBase):
+class Dropout3d(_ChannelDropoutBase, torch.nn.Dropout3d):
     r"""Randomly zero whole channels of 3-D feature maps (spatial dropout).
 
     One Bernoulli draw per (sample, channel) is broadcast over depth, height and width; kept
