@@ -1,7 +1,8 @@
 """dropkit: every dropout technique for PyTorch, on one reproducible counter-based mask engine.
 
-Layout: :mod:`dropkit.engine` (Philox bits, streams and keys, reference masks, custom ops),
-:mod:`dropkit.kernels` (fused CPU/CUDA kernels and their dispatch),
+Layout, lowest first: :mod:`dropkit.engine` (Philox bits, streams and keys, numerics, reference
+masks and backend), :mod:`dropkit.kernels` (the Backend protocol, fused CPU/CUDA kernels and the
+choice between them), :mod:`dropkit.ops` (the custom ops and their autograd),
 :mod:`dropkit.functional` (pure ops), :mod:`dropkit.nn` (modules),
 :mod:`dropkit.schedules` (dropout-rate schedules), :mod:`dropkit.mc` (Monte Carlo dropout),
 :mod:`dropkit.metrics` (uncertainty and calibration metrics),

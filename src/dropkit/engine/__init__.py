@@ -1,2 +1,3 @@
-"""The mask engine: counter-based random bits (Philox4x32-10), RNG streams and keys, the
-reference mask and noise generators, checkpoint replay, and the custom ops built on them."""
+"""The mask engine: counter-based random bits (Philox4x32-10), RNG streams and keys, the numerics
+of every op (compute dtype, thresholds, scales, guards), the reference masks and noise, the
+reference backend, and checkpoint replay.  It imports nothing from the layers above it."""
