@@ -548,11 +548,20 @@ def test_repr_copies_and_state_dict_round_trip(spec: LayerSpec) -> None:
     if spec.unary:
         assert layer.state_dict() == {}, "no persistent state: checkpoints stay compatible with torch.nn"
     args = spec.inputs(F32, False)
-    layer(*args)  # a step taken: copies carry the stream and the step
+    layer(*args)  # a step taken: cloned copies carry the stream and the step
     expected = run(spec, layer, args, seed=13)
-    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert repr(clone) == repr(layer)
-        assert [m.rng_stream for m in random_layers(clone)] == [m.rng_stream for m in random_layers(layer)]
+    streams = [m.rng_stream for m in random_layers(layer)]
+    # By default a copy draws its own masks (a stream of its own); dropkit.clone_masks() keeps
+    # the original's stream and step.  An explicit seed gives the same output either way.
+    for copy_of in (copy.deepcopy, lambda module: pickle.loads(pickle.dumps(module))):
+        fresh = copy_of(layer)
+        assert repr(fresh) == repr(layer)
+        assert all(a != b for a, b in zip((m.rng_stream for m in random_layers(fresh)), streams, strict=True))
+        if spec.seeded:  # a composite derives its sub-layers' keys from their streams
+            assert_same(run(spec, fresh, args, seed=13), expected)
+        with dropkit.clone_masks():
+            clone = copy_of(layer)
+        assert [m.rng_stream for m in random_layers(clone)] == streams
         assert_same(run(spec, clone, args, seed=13), expected)
     restored = spec.make(spec.rate)
     restored.load_state_dict(layer.state_dict())

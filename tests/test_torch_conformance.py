@@ -3,6 +3,9 @@ classes, with their attributes, so code that finds dropout by type finds dropkit
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -66,3 +69,18 @@ def test_jit_trace_in_training_mode_is_refused_with_what_to_use_instead() -> Non
 def test_jit_script_says_what_to_use_instead() -> None:
     with pytest.raises(RuntimeError, match=r"not TorchScript-compatible.*torch\.compile or torch\.export"):
         torch.jit.script(nn.Sequential(nn.Linear(3, 3), dropkit.nn.Dropout(0.5)))
+
+
+def test_copies_draw_their_own_masks_unless_cloning_is_asked_for() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), dropkit.nn.Dropout(0.5))
+    dropkit.manual_seed(0)  # restarts stream numbering after the model was built
+    x = torch.ones(4, 8)
+    for copy_of in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        teacher = copy_of(model)  # e.g. an EMA or teacher copy
+        assert teacher[1].rng_stream != model[1].rng_stream
+        assert teacher[1].rng_stream >= 1 << 31  # a range no built layer uses
+        assert not torch.equal(teacher[1](x) != 0, model[1](x) != 0)
+        assert teacher.state_dict().keys() == model.state_dict().keys()
+        with dropkit.clone_masks():
+            twin = copy_of(model)
+        assert torch.equal(twin[1](x), model[1](x))  # exactly the original's next mask

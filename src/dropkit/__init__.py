@@ -19,6 +19,7 @@ from dropkit.engine.checkpoint import UnmanagedRecomputeError as UnmanagedRecomp
 from dropkit.engine.checkpoint import checkpoint as checkpoint
 from dropkit.engine.checkpoint import checkpoint_context as checkpoint_context
 from dropkit.engine.numerics import realised_drop_probability as realised_drop_probability
+from dropkit.engine.streams import clone_masks as clone_masks
 from dropkit.engine.streams import element_key as element_key
 from dropkit.engine.streams import initial_seed as initial_seed
 from dropkit.engine.streams import make_key as make_key
@@ -34,6 +35,7 @@ __all__ = [
     "__version__",
     "checkpoint",
     "checkpoint_context",
+    "clone_masks",
     "element_key",
     "functional",
     "initial_seed",

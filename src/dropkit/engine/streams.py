@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Protocol
 
 import torch
@@ -28,7 +29,10 @@ from dropkit._validation import env_flag
 __all__ = [
     "FUNCTIONAL_STREAM",
     "StepCounterOwner",
+    "allocate_copy_stream",
     "allocate_stream",
+    "clone_masks",
+    "cloning_masks",
     "draw_key",
     "effective_seed",
     "element_key",
@@ -44,6 +48,8 @@ _UINT64 = 1 << 64
 _INT64_MIN = -(1 << 63)
 # Stream of functional calls that get no seed; modules count up from 0, so they never meet it.
 FUNCTIONAL_STREAM = 0xFFFFFFFF
+# Streams of copied layers count up from here; built layers count up from 0.
+COPY_STREAMS = 1 << 31
 _SHARE_ENV = "DROPKIT_SHARE_MASKS_ACROSS_RANKS"
 
 
@@ -71,6 +77,7 @@ class _GlobalRngState:
     def __init__(self) -> None:
         self.seed = _to_int64(torch.initial_seed())
         self.next_stream = 0
+        self.next_copy_stream = COPY_STREAMS
         self.share_across_ranks = env_flag(_SHARE_ENV)
         self.functional_step = torch.zeros(1, dtype=torch.int64)
         self.owners: weakref.WeakSet[StepCounterOwner] = weakref.WeakSet()
@@ -92,6 +99,7 @@ def manual_seed(seed: int) -> None:
     """
     _STATE.seed = _check_seed(seed)
     _STATE.next_stream = 0
+    _STATE.next_copy_stream = COPY_STREAMS
     _STATE.functional_step.zero_()
     for owner in list(_STATE.owners):
         owner.reset_rng_step()
@@ -105,9 +113,20 @@ def initial_seed() -> int:
 def allocate_stream() -> int:
     """The next stream id, in construction order; :func:`manual_seed` restarts the numbering."""
     stream = _STATE.next_stream
-    if stream >= FUNCTIONAL_STREAM:
+    if stream >= COPY_STREAMS:
         raise RuntimeError("dropkit ran out of stream ids; call dropkit.manual_seed() to restart them")
     _STATE.next_stream += 1
+    return stream
+
+
+def allocate_copy_stream() -> int:
+    """The next stream id of a copied layer (``copy.deepcopy``, unpickling): from a range of its
+    own, ``[2**31, 2**32 - 1)``, so that a copy never shares a stream with a layer that was built,
+    even when :func:`manual_seed` restarted the numbering after the model was built."""
+    stream = _STATE.next_copy_stream
+    if stream >= FUNCTIONAL_STREAM:
+        raise RuntimeError("dropkit ran out of copy stream ids; call dropkit.manual_seed() to restart them")
+    _STATE.next_copy_stream += 1
     return stream
 
 
@@ -134,6 +153,42 @@ def share_masks_across_ranks(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _STATE.share_across_ranks = previous
+
+
+_CLONING_MASKS: ContextVar[bool] = ContextVar("dropkit_cloning_masks", default=False)
+
+
+@contextlib.contextmanager
+def clone_masks() -> Iterator[None]:
+    """Context manager: layers copied (``copy.deepcopy``) or unpickled inside it keep their stream
+    and step, so the copy draws exactly the masks the original would draw next.
+
+    By default a copy gets a stream of its own (fresh masks): an EMA or teacher copy, or an
+    ensemble built by copying one model, must not repeat the original's dropout.
+
+    Example::
+
+        >>> import copy, torch, dropkit
+        >>> layer = dropkit.nn.Dropout(0.5)
+        >>> x = torch.ones(16)
+        >>> with dropkit.clone_masks():
+        ...     twin = copy.deepcopy(layer)
+        >>> torch.equal(twin(x), layer(x))
+        True
+        >>> fresh = copy.deepcopy(layer)
+        >>> fresh.rng_stream != layer.rng_stream
+        True
+    """
+    token = _CLONING_MASKS.set(True)
+    try:
+        yield
+    finally:
+        _CLONING_MASKS.reset(token)
+
+
+def cloning_masks() -> bool:
+    """Whether copies keep their original's stream (see :func:`clone_masks`)."""
+    return _CLONING_MASKS.get()
 
 
 def masks_shared_across_ranks() -> bool:

@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from dropkit._validation import check_bool, check_probability
-from dropkit.engine.streams import allocate_stream, draw_key, register_step_owner
+from dropkit.engine.streams import (
+    allocate_copy_stream,
+    allocate_stream,
+    cloning_masks,
+    draw_key,
+    register_step_owner,
+)
 from dropkit.functional._common import SeedLike
 from dropkit.ops import refuse_jit_trace
 
@@ -113,6 +119,9 @@ class _RandomLayer(nn.Module):
                 state[f"_{name}"] = value = state.pop(name)
                 state[f"{name}_tensor"] = torch.tensor([value], dtype=torch.float64)
         super().__setstate__(state)
+        if not cloning_masks():
+            # A copy (deepcopy, unpickling) draws its own masks unless cloning was asked for.
+            self.rng_stream = allocate_copy_stream()
         register_step_owner(self)  # copies and unpickled layers follow manual_seed too
 
     def _rate_is_graph_input(self, attribute: str) -> bool:
