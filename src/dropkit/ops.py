@@ -90,7 +90,10 @@ def _eager_fast_path(*tensors: torch.Tensor) -> bool:
 
 def refuse_jit_trace() -> None:
     """``torch.jit.trace`` records tensors, not the key a call draws: a traced training-mode
-    model would replay one mask on every call, silently.  Refuse it with what to use instead."""
+    model would replay one mask on every call, silently.  Refuse it with what to use instead.
+
+    Called where keys are drawn or resolved (a layer's ``_key``, the functionals'
+    ``resolve_key``), which every random call passes through before any tensor is read."""
     if torch.jit.is_tracing():
         raise RuntimeError(
             "dropkit's random ops cannot be recorded by torch.jit.trace in training mode: the "
@@ -285,10 +288,7 @@ class RateOp:
         return (self._grad(ctx, grad), None, None, *([None] * len(ctx.options)))
 
     def __call__(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *options: Any) -> torch.Tensor:
-        refuse_jit_trace()
-        # Kept lean: this runs on every dropout call.  A fake or subclass rate tensor (only a
-        # traced op may see one) takes the op.
-        if _eager_fast_path(x, key) and (type(rate) is float or type(rate) is torch.Tensor):
+        if _eager_fast_path(x, key) and _plain_rate(rate):
             return self.eager.apply(x, key, rate, options)
         return self.op(x, key, as_rate_tensor(rate), *options)
 
@@ -432,7 +432,6 @@ def bias_dropout_add(
     x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, rate: Rate
 ) -> torch.Tensor:
     """``residual + where(keep, (x + bias) / q, 0)`` with the element mask of ``x``."""
-    refuse_jit_trace()
     if _eager_fast_path(x, bias, residual, key) and _plain_rate(rate):
         return _BiasDropoutAdd.apply(x, bias, residual, key, rate)
     return _bias_dropout_add_op(x, bias, residual, key, as_rate_tensor(rate))

@@ -241,23 +241,20 @@ def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
     Under :func:`dropkit.checkpoint` the forward pass records the keys it draws and the
     recomputation replays them, so recomputed masks equal the original ones.
     """
-    if torch.compiler.is_compiling():
-        # Traced: tensor ops only, so the advancing step is data, not a guard.
+    compiling = torch.compiler.is_compiling()
+    transformed = not compiling and torch._C._functorch.peek_interpreter_stack() is not None
+    if compiling or transformed:
+        # Traced: tensor ops only, so the advancing step is data, not a guard.  Under torch.func
+        # transforms too: the step of stacked modules is batched and may not be read; a step
+        # captured from outside the transform (not one of its inputs) is advanced outside it,
+        # where grad would refuse the mutation.
         head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
         key = torch.cat([head, step.reshape(1)])
-        step.add_(1)
-        return key
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        # Under torch.func transforms: tensor ops too (the step of stacked modules is batched, and
-        # reading it is not allowed); a step captured from outside the transform (not one of its
-        # inputs) is advanced outside it, where grad would refuse the mutation.
-        head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
-        key = torch.cat([head, step.reshape(1)])
-        if torch._C._functorch.is_functorch_wrapped_tensor(step):
-            step.add_(1)
-        else:
+        if transformed and not torch._C._functorch.is_functorch_wrapped_tensor(step):
             with torch._C._DisableFuncTorch():
                 step.add_(1)
+        else:
+            step.add_(1)
         return key
 
     from dropkit.engine import checkpoint  # late: checkpoint builds on this module

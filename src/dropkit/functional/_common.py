@@ -39,8 +39,6 @@ def keep_probability(p: Rate) -> Rate:
 
 def check_common(input: object, training: object, inplace: object) -> torch.Tensor:
     check_bool(training, "training")
-    if training:
-        refuse_jit_trace()
     check_bool(inplace, "inplace")
     return check_floating_tensor(input)
 
