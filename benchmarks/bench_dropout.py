@@ -124,6 +124,42 @@ def load_average() -> list[float]:
         return []
 
 
+class RunLoad:
+    """How loaded the machine was during a run: made before measuring, :meth:`finish` after."""
+
+    def __init__(self) -> None:
+        self.load_before = load_average()
+        self.busy_before = busy_cpu_seconds()
+        self.wall_before = time.perf_counter()
+
+    def finish(self) -> dict[str, Any]:
+        """The machine-record fields of the run (load averages, other processes' CPU share, time)."""
+        busy_after, wall = busy_cpu_seconds(), time.perf_counter() - self.wall_before
+        other_share = None
+        if self.busy_before is not None and busy_after is not None:
+            others = (busy_after[0] - self.busy_before[0]) - (busy_after[1] - self.busy_before[1])
+            other_share = round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
+        return {
+            "load_average_before": self.load_before,
+            "load_average_after": load_average(),
+            "other_processes_cpu_share": other_share,
+            "run_seconds": round(wall, 1),
+        }
+
+    def print_start(self, info: dict[str, Any]) -> None:
+        backend = info["dropkit_cpu_backend"]
+        print(f"# dropkit CPU backend: {backend}; load average before: {self.load_before}")
+
+
+def print_load(conditions: dict[str, Any]) -> None:
+    print(
+        f"\n# load average after: {conditions['load_average_after']} (includes this benchmark's own threads)"
+    )
+    share = conditions["other_processes_cpu_share"]
+    if share is not None:
+        print(f"# CPU share taken by other processes during the run: {share * 100:.1f}%")
+
+
 def busy_cpu_seconds() -> tuple[float, float] | None:
     """(CPU seconds all processes have been busy, CPU seconds used by this one), from /proc/stat.
 
@@ -366,11 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [1 << 20] if args.quick else [1 << 20, 1 << 24]
     max_threads = min(2, os.cpu_count() or 1)
     thread_counts = sorted({1, max_threads})
-    load_before = load_average()
-    busy_before, wall_before = busy_cpu_seconds(), time.perf_counter()
+    run_load = RunLoad()
     info = machine_info()
     print(f"# {info['cpu_model']}, {info['logical_cpus']} CPUs, torch {info['torch']}, numba {info['numba']}")
-    print(f"# dropkit CPU backend: {info['dropkit_cpu_backend']}; load average before: {load_before}")
+    run_load.print_start(info)
 
     compiled = None if args.no_compile else torch.compile(torch_dropout, dynamic=True)
     micro_rows = []
@@ -413,27 +448,14 @@ def main(argv: list[str] | None = None) -> int:
         "mlp_overhead_at_most_10pct": mlp["overhead_vs_no_dropout"]["dropkit_dropout"]
         <= TARGETS["mlp_overhead_max"],
     }
-    load_after = load_average()
-    busy_after, wall = busy_cpu_seconds(), time.perf_counter() - wall_before
-    other_share = None
-    if busy_before is not None and busy_after is not None:
-        others = (busy_after[0] - busy_before[0]) - (busy_after[1] - busy_before[1])
-        other_share = round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
+    conditions = run_load.finish()
     print("\n## Targets (all rows)\n")
     for name, ok in checks.items():
         print(f"  {name:42s} {'n/a' if ok is None else ('met' if ok else 'MISSED')}")
-    print(f"\n# load average after: {load_after} (includes this benchmark's own threads)")
-    if other_share is not None:
-        print(f"# CPU share taken by other processes during the run: {other_share * 100:.1f}%")
+    print_load(conditions)
 
     result = {
-        "machine": info
-        | {
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-            "other_processes_cpu_share": other_share,
-            "run_seconds": round(wall, 1),
-        },
+        "machine": info | conditions,
         "config": {"p": P, "repeats": repeats, "quick": args.quick, "sizes": sizes, "threads": thread_counts},
         "dropout": micro_rows,
         "bias_dropout_add": fused,

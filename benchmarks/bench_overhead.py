@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 
 import dropkit
-from bench_dropout import busy_cpu_seconds, format_table, load_average, machine_info, set_threads
+from bench_dropout import RunLoad, format_table, machine_info, print_load, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 P = 0.1
@@ -154,14 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     torch.manual_seed(0)
     dropkit.manual_seed(0)
-    load_before = load_average()
-    busy_before, wall_before = busy_cpu_seconds(), time.perf_counter()
+    run_load = RunLoad()
     info = machine_info() | {"dropkit_file": dropkit.__file__, "threads": torch.get_num_threads()}
     print(
         f"# dropkit {info['dropkit']} from {info['dropkit_file']}; torch {info['torch']}; "
         f"{info['threads']} thread(s); {info['cpu_model']}, {info['logical_cpus']} CPUs"
     )
-    print(f"# dropkit CPU backend: {info['dropkit_cpu_backend']}; load average before: {load_before}")
+    run_load.print_start(info)
 
     rows = []
     for case in CASES:
@@ -170,24 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## Per-call overhead, median µs per call (p = {P}, float32, CPU, training mode)\n")
     print(format_table(rows, COLUMNS))
 
-    load_after = load_average()
-    busy_after, wall = busy_cpu_seconds(), time.perf_counter() - wall_before
-    other_share = None
-    if busy_before is not None and busy_after is not None:
-        others = (busy_after[0] - busy_before[0]) - (busy_after[1] - busy_before[1])
-        other_share = round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
-    print(f"\n# load average after: {load_after} (includes this benchmark's own threads)")
-    if other_share is not None:
-        print(f"# CPU share taken by other processes during the run: {other_share * 100:.1f}%")
+    conditions = run_load.finish()
+    print_load(conditions)
 
     result = {
-        "machine": info
-        | {
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-            "other_processes_cpu_share": other_share,
-            "run_seconds": round(wall, 1),
-        },
+        "machine": info | conditions,
         "config": {
             "p": P,
             "dtype": "float32",
