@@ -936,6 +936,29 @@ def embedding_dropout(p: float, **options: Any) -> nn.Module:
     return dropkit.nn.EmbeddingDropout(nn.Embedding(VOCAB, DIM), p, **options)
 
 
+def embedding_spec(name: str, options: dict[str, Any]) -> LayerSpec:
+    """An EmbeddingDropout spec; with ``unk_idx`` dropped words read the UNK row (word_dropout),
+    so the expectation of the output is not preserved."""
+    unk = "unk_idx" in options
+    return LayerSpec(
+        name,
+        "bernoulli",
+        make=lambda p: embedding_dropout(p, **options),
+        inputs=ids_inputs,
+        functional=(
+            Functional(F.word_dropout, word_dropout_functional)
+            if unk
+            else Functional(F.embedding_dropout, embedding_functional)
+        ),
+        probe=unk_probe if unk else embedding_probe,
+        shared_dims=(1,),
+        expectation=not unk,
+        eval_output=lambda m, args: m.module(args[0]),
+        one=embedding_one,
+        grad_params=("module.weight",),
+    )
+
+
 WEIGHT_SPECS = [
     LayerSpec(
         "DropConnect",
@@ -1018,44 +1041,9 @@ WEIGHT_SPECS = [
         grad_params=("module.weight_hh_l0",),
         exact_layouts=False,  # the LSTM's matmuls
     ),
-    LayerSpec(
-        "EmbeddingDropout",
-        "bernoulli",
-        make=embedding_dropout,
-        inputs=ids_inputs,
-        functional=Functional(F.embedding_dropout, embedding_functional),
-        probe=embedding_probe,
-        shared_dims=(1,),
-        expectation=True,
-        eval_output=lambda m, args: m.module(args[0]),
-        one=embedding_one,
-        grad_params=("module.weight",),
-    ),
-    LayerSpec(
-        "EmbeddingDropout[per_token]",
-        "bernoulli",
-        make=lambda p: embedding_dropout(p, per_token=True),
-        inputs=ids_inputs,
-        functional=Functional(F.embedding_dropout, embedding_functional),
-        probe=embedding_probe,
-        shared_dims=(1,),
-        expectation=True,
-        eval_output=lambda m, args: m.module(args[0]),
-        one=embedding_one,
-        grad_params=("module.weight",),
-    ),
-    LayerSpec(
-        "EmbeddingDropout[unk]",
-        "bernoulli",
-        make=lambda p: embedding_dropout(p, unk_idx=UNK),
-        inputs=ids_inputs,
-        functional=Functional(F.word_dropout, word_dropout_functional),
-        probe=unk_probe,
-        shared_dims=(1,),
-        eval_output=lambda m, args: m.module(args[0]),
-        one=embedding_one,
-        grad_params=("module.weight",),
-    ),
+    embedding_spec("EmbeddingDropout", {}),
+    embedding_spec("EmbeddingDropout[per_token]", {"per_token": True}),
+    embedding_spec("EmbeddingDropout[unk]", {"unk_idx": UNK}),
 ]
 
 

@@ -621,24 +621,22 @@ def bad_tensor_rates(spec: LayerSpec) -> list[tuple[torch.Tensor, str]]:
     predicate=lambda s: s.functional is not None and s.functional.rate_name is not None,
 )
 def test_bad_rate_tensor_is_rejected_when_read(spec: LayerSpec) -> None:
-    assert spec.functional is not None
-    assert spec.functional.rate_name is not None
-    args = spec.inputs(F32, False)
-    layer = spec.make(spec.rate)
-    for holder, shown in bad_tensor_rates(spec):
-        with pytest.raises(ValueError, match=f"{re.escape(spec.functional.rate_name)}.*{shown}"):
-            spec.functional(layer, args, holder, seed=1)
+    assert_bad_rate_tensors_raise(spec, seed=1)
 
 
 @for_specs("test_bad_rate_tensor_is_rejected_when_read_in_eval", eval_reads_rate=True)
 def test_bad_rate_tensor_is_rejected_when_read_in_eval(spec: LayerSpec) -> None:
+    assert_bad_rate_tensors_raise(spec, training=False)
+
+
+def assert_bad_rate_tensors_raise(spec: LayerSpec, **call: Any) -> None:
     assert spec.functional is not None
     assert spec.functional.rate_name is not None
     args = spec.inputs(F32, False)
     layer = spec.make(spec.rate)
     for holder, shown in bad_tensor_rates(spec):
         with pytest.raises(ValueError, match=f"{re.escape(spec.functional.rate_name)}.*{shown}"):
-            spec.functional(layer, args, holder, training=False)
+            spec.functional(layer, args, holder, **call)
 
 
 @for_specs("test_bad_tensor_and_flags_are_rejected", unary=True)
