@@ -24,6 +24,7 @@ LAYERS = {
     "schedules": 6,
     "mc": 6,
     "metrics": 6,
+    "interop": 7,
     "experiments": 7,
     "__main__": 8,
     "__init__": 8,

@@ -26,6 +26,8 @@ from dropkit.engine.streams import make_key as make_key
 from dropkit.engine.streams import manual_seed as manual_seed
 from dropkit.engine.streams import masks_shared_across_ranks as masks_shared_across_ranks
 from dropkit.engine.streams import share_masks_across_ranks as share_masks_across_ranks
+from dropkit.interop.export import aoti_compile_and_package as aoti_compile_and_package
+from dropkit.interop.export import export as export
 from dropkit.kernels import use_reference_engine as use_reference_engine
 from dropkit.mc.mode import mc_dropout as mc_dropout
 from dropkit.mc.sampling import mc_predict as mc_predict
@@ -33,10 +35,12 @@ from dropkit.mc.sampling import mc_predict as mc_predict
 __all__ = [
     "UnmanagedRecomputeError",
     "__version__",
+    "aoti_compile_and_package",
     "checkpoint",
     "checkpoint_context",
     "clone_masks",
     "element_key",
+    "export",
     "functional",
     "initial_seed",
     "make_key",

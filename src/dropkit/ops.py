@@ -209,9 +209,13 @@ class RateOp:
         self.grad_options = grad_options or (lambda options: options)
         self.check = check
         self.bounds = bounds  # the values check accepts (tested first: cheaper than the check)
+        # List options are declared optional and None is read as the empty list: AOTInductor's
+        # proxy executor (torch 2.13) hands an empty int list to a Python custom op as None.
+        options = options.replace("int[] ", "int[]? ")
         schema = f"(Tensor x, Tensor key, Tensor rate, {options}, str rate_name) -> Tensor"
 
         def impl(x: torch.Tensor, key: torch.Tensor, rate: torch.Tensor, *args: Any) -> torch.Tensor:
+            args = tuple([] if arg is None else arg for arg in args)
             return _fresh(self.run(x, key, rate, *args), x)
 
         def fake(x: torch.Tensor, key: torch.Tensor, rate: torch.Tensor, *args: Any) -> torch.Tensor:

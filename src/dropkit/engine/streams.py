@@ -35,12 +35,15 @@ __all__ = [
     "cloning_masks",
     "draw_key",
     "effective_seed",
+    "functional_step",
+    "functional_step_as",
     "element_key",
     "initial_seed",
     "make_key",
     "manual_seed",
     "masks_shared_across_ranks",
     "register_step_owner",
+    "seed_tensor",
     "share_masks_across_ranks",
 ]
 
@@ -80,10 +83,13 @@ class _GlobalRngState:
         self.next_copy_stream = COPY_STREAMS
         self.share_across_ranks = env_flag(_SHARE_ENV)
         self.functional_step = torch.zeros(1, dtype=torch.int64)
+        # Set while a program that takes its seed as an input is traced (see seed_tensor).
+        self.seed_tensor: torch.Tensor | None = None
         self.owners: weakref.WeakSet[StepCounterOwner] = weakref.WeakSet()
 
 
 _STATE = _GlobalRngState()
+_PROCESS_FUNCTIONAL_STEP = _STATE.functional_step
 
 
 def manual_seed(seed: int) -> None:
@@ -235,6 +241,26 @@ def make_key(
     return to_device_async(torch.tensor([seed, stream, step], dtype=torch.int64), torch.device(device))
 
 
+@contextlib.contextmanager
+def seed_tensor(seed: torch.Tensor) -> Iterator[None]:
+    """Context manager: keys drawn inside it take their seed from ``seed`` (an int64 tensor of one
+    element), read when the draw runs, instead of the global seed; no rank folding.  It is how an
+    exported program takes its seed as an input (:func:`dropkit.export` with ``seed_input=True``).
+    """
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"seed must be an int64 tensor of one element, got {type(seed).__name__}")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(
+            f"seed must be an int64 tensor of one element, got {seed.dtype} of shape {tuple(seed.shape)}"
+        )
+    previous = _STATE.seed_tensor
+    _STATE.seed_tensor = seed
+    try:
+        yield
+    finally:
+        _STATE.seed_tensor = previous
+
+
 def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
     """Draw the key for the next call of ``stream`` and advance its ``step`` counter in place.
 
@@ -248,8 +274,7 @@ def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
         # transforms too: the step of stacked modules is batched and may not be read; a step
         # captured from outside the transform (not one of its inputs) is advanced outside it,
         # where grad would refuse the mutation.
-        head = torch.tensor([effective_seed(), stream], dtype=torch.int64, device=step.device)
-        key = torch.cat([head, step.reshape(1)])
+        key = torch.cat([_key_head(stream, step.device), step.reshape(1)])
         if transformed and not torch._C._functorch.is_functorch_wrapped_tensor(step):
             with torch._C._DisableFuncTorch():
                 step.add_(1)
@@ -263,7 +288,10 @@ def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
     if replayed is not None:
         return replayed
     checkpoint.refuse_unmanaged_recompute()
-    if step.device.type == "cpu":
+    if _STATE.seed_tensor is not None:
+        key = torch.cat([_key_head(stream, step.device), step.reshape(1)])
+        step.add_(1)
+    elif step.device.type == "cpu":
         # Eager on the CPU, reading the counter is free and one tensor op builds the key.
         value = int(step)
         step.fill_(value + 1)
@@ -276,6 +304,16 @@ def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
         step.add_(1)
     checkpoint.record_key(key)
     return key
+
+
+def _key_head(stream: int, device: torch.device) -> torch.Tensor:
+    """``[seed, stream]`` in tensor ops: the seed of :func:`seed_tensor` if one is set (read when
+    the ops run), else the effective global seed."""
+    given_seed = _STATE.seed_tensor
+    if given_seed is None:
+        return torch.tensor([effective_seed(), stream], dtype=torch.int64, device=device)
+    stream_tensor = torch.tensor([stream], dtype=torch.int64, device=device)
+    return torch.cat([given_seed.reshape(1).to(device), stream_tensor])
 
 
 _DEVICE_HEADS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
@@ -332,8 +370,33 @@ def element_key(key: torch.Tensor, index: int) -> torch.Tensor:
     return torch.tensor([_to_int64(mixed), stream, step], dtype=torch.int64, device=key.device)
 
 
+@contextlib.contextmanager
+def functional_step_as(step: torch.Tensor) -> Iterator[None]:
+    """Context manager: functional calls without a seed count their draws in ``step`` (an int64
+    tensor of one element) instead of the process-wide counter, e.g. a buffer of a module that
+    ``torch.export`` traces, so that the program lists the counter's mutation and owns it."""
+    previous = _STATE.functional_step
+    _STATE.functional_step = step
+    try:
+        yield
+    finally:
+        _STATE.functional_step = previous
+
+
+def functional_step() -> torch.Tensor:
+    """The step counter of functional calls without a seed (see :func:`functional_step_as`)."""
+    return _STATE.functional_step
+
+
 def draw_functional_key(device: torch.device) -> torch.Tensor:
     """Key for a functional call with no seed: the shared functional stream."""
+    if _STATE.functional_step is _PROCESS_FUNCTIONAL_STEP and torch.compiler.is_exporting():
+        raise RuntimeError(
+            "a dropkit functional call without a seed draws from the process-wide functional "
+            "counter, which a program exported by torch.export cannot own (it would be a mutated "
+            "constant of the graph): export with dropkit.export, which gives the program a "
+            "counter of its own, or pass seed= to the call, or use the dropkit.nn layer"
+        )
     return to_device_async(draw_key(FUNCTIONAL_STREAM, _STATE.functional_step), device)
 
 

@@ -251,6 +251,12 @@ class LayerDrop(_RandomLayer):
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
     ) -> list[bool]:
         """Draw this training forward's decisions (advancing the step): ``True`` = layer applied."""
+        if torch.compiler.is_exporting():
+            raise RuntimeError(
+                "LayerDrop skips layers by a Python branch on its random draws, which an exported "
+                "graph cannot hold: export the model in eval mode, or use StochasticDepth or "
+                "DropPath, whose branches stay in the graph"
+            )
         with share_masks_across_ranks():
             key = resolve_key(input, self._key(input, seed, generator), generator)
         kept: list[bool] = keep_mask(key, self.p, [len(self.layers)]).tolist()
