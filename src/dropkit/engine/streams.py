@@ -17,6 +17,7 @@ names one mask exactly, on any device and however the work is split.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -89,6 +90,8 @@ class _GlobalRngState:
 
 
 _STATE = _GlobalRngState()
+# Held while an eager draw reads and advances a step counter (uncontended: ~0.1 us).
+_DRAW_LOCK = threading.Lock()
 _PROCESS_FUNCTIONAL_STEP = _STATE.functional_step
 
 
@@ -288,20 +291,24 @@ def draw_key(stream: int, step: torch.Tensor) -> torch.Tensor:
     if replayed is not None:
         return replayed
     checkpoint.refuse_unmanaged_recompute()
-    if _STATE.seed_tensor is not None:
-        key = torch.cat([_key_head(stream, step.device), step.reshape(1)])
-        step.add_(1)
-    elif step.device.type == "cpu":
-        # Eager on the CPU, reading the counter is free and one tensor op builds the key.
-        value = int(step)
-        step.fill_(value + 1)
-        key = torch.tensor([effective_seed(), stream, value], dtype=torch.int64)
-    else:
-        # On an accelerator, reading the step would sync with the device and building the head
-        # with torch.tensor(..., device=...) is a blocking host-to-device copy: both would stall
-        # the host on every dropout call.  The head lives on the device, cached per seed.
-        key = torch.cat([_device_head(effective_seed(), stream, step.device), step.reshape(1)])
-        step.add_(1)
+    # Reading and advancing the counter is one atomic draw: threads calling the same layer (an
+    # inference server sampling MC dropout) each get a step of their own.
+    with _DRAW_LOCK:
+        if _STATE.seed_tensor is not None:
+            key = torch.cat([_key_head(stream, step.device), step.reshape(1)])
+            step.add_(1)
+        elif step.device.type == "cpu":
+            # Eager on the CPU, reading the counter is free and one tensor op builds the key.
+            value = int(step)
+            step.fill_(value + 1)
+            key = torch.tensor([effective_seed(), stream, value], dtype=torch.int64)
+        else:
+            # On an accelerator, reading the step would sync with the device and building the
+            # head with torch.tensor(..., device=...) is a blocking host-to-device copy: both
+            # would stall the host on every call.  The head lives on the device, cached per seed.
+            # The copy in torch.cat is ordered before the add_ on the same stream.
+            key = torch.cat([_device_head(effective_seed(), stream, step.device), step.reshape(1)])
+            step.add_(1)
     checkpoint.record_key(key)
     return key
 
