@@ -7,9 +7,11 @@ import faulthandler
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -544,6 +546,69 @@ def test_cache_dir_falls_back_when_the_package_dir_is_read_only(
     cpu._configure_cache_dir()
     chosen = numba.config.CACHE_DIR
     assert chosen == os.path.join(str(tmp_path), "dropkit", "numba")
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+@pytest.mark.parametrize("planted", ["world-writable", "group-writable", "other-owner", "symlink", "file"])
+def test_cache_dir_refuses_a_directory_planted_in_the_temp_dir(
+    planted: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Another local user can create /tmp/dropkit-numba-<uid> before us; numba's cache index is
+    # a pickle, so loading it would run their code.  Ownership is simulated by changing what
+    # os.getuid says, which works as root too.
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the first fallback cannot be created
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    sentinel = str(tmp_path / "unchanged")
+    monkeypatch.setattr(numba.config, "CACHE_DIR", sentinel)
+    writable = cpu._writable
+    monkeypatch.setattr(cpu, "_writable", lambda d: d.name != "__pycache__" and writable(d))
+    uid = os.getuid()
+    if planted == "other-owner":
+        monkeypatch.setattr(os, "getuid", lambda: uid + 1)  # we now "are" another user
+    target = temp / f"dropkit-numba-{os.getuid()}"
+    if planted == "symlink":
+        elsewhere = tmp_path / "attacker"
+        elsewhere.mkdir(mode=0o700)
+        target.symlink_to(elsewhere, target_is_directory=True)
+    elif planted == "file":
+        target.write_text("")
+    else:
+        target.mkdir()
+        target.chmod({"world-writable": 0o777, "group-writable": 0o770, "other-owner": 0o700}[planted])
+    cpu._configure_cache_dir()
+    chosen = numba.config.CACHE_DIR
+    assert chosen == sentinel
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+def test_cache_dir_in_the_temp_dir_is_created_private(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", numba.config.CACHE_DIR)
+    writable = cpu._writable
+    monkeypatch.setattr(cpu, "_writable", lambda d: d.name != "__pycache__" and writable(d))
+    cpu._configure_cache_dir()
+    expected = tmp_path / f"dropkit-numba-{os.getuid()}"
+    chosen = numba.config.CACHE_DIR
+    assert chosen == str(expected)
+    info = expected.lstat()
+    assert info.st_uid == os.getuid()
+    assert info.st_mode & 0o077 == 0  # created 0700: nobody else can read or plant files
+    # An existing private directory of ours is reused (the cache survives across processes).
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "other")
+    cpu._configure_cache_dir()
+    reused = numba.config.CACHE_DIR
+    assert reused == str(expected)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

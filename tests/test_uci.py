@@ -470,13 +470,22 @@ def test_cli_resume_after_interruption(tmp_path: Path, monkeypatch: pytest.Monke
     assert calls == []  # everything done
 
 
-def test_cli_refuses_resume_with_other_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_resume_recomputes_files_of_other_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "data"
     _write_dataset(data, n_splits=1)
     out = tmp_path / "out"
     assert cli.main(_argv(data, out)) == 0
-    assert cli.main([*_argv(data, out, "--resume"), "--seed", "3"]) == 2
-    assert "produced with other settings" in capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main([*_argv(data, out, "--resume"), "--seed", "3"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"{out / 'toy' / 'split_0.json'}: written for other settings (config.seed=0, now 3); recomputing"
+        in err
+    )
+    stored = json.loads((out / "toy" / "split_0.json").read_text())
+    assert stored["settings"]["config"]["seed"] == 3
 
 
 def test_cli_reports_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -258,8 +258,13 @@ def test_cli_concrete_end_to_end_with_resume(
     (folder / "toy" / "split_2.json").unlink()
     assert cli.main(_argv(data, out, "--resume")) == 0
     assert calls == [[2]]
-    assert cli.main([*_argv(data, out, "--resume"), "--seed", "3"]) == 2
-    assert "produced with other settings" in capsys.readouterr().err
+    calls.clear()
+    capsys.readouterr()
+    assert cli.main([*_argv(data, out, "--resume"), "--seed", "3"]) == 0
+    assert calls == [[0, 1, 2]]  # every file was written for seed 0: all recomputed, and said so
+    assert (
+        capsys.readouterr().err.count("written for other settings (config.seed=0, now 3); recomputing") == 3
+    )
 
 
 def test_run_splits_reports_learned_rates(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from dropkit._version import __version__
 from dropkit.experiments import digits
+from dropkit.experiments._files import prepare_output_file
 from dropkit.experiments.uci import cli as uci_cli
 
 __all__ = ["build_parser", "main"]
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: object, status: int = 2) -> int:
+    """Print ``message`` as one ``dropkit demo: error: ...`` line on stderr; returns ``status``."""
+    text = " ".join(str(message).splitlines())
+    print(f"dropkit demo: error: {text}", file=sys.stderr)
+    return status
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     try:
         config = digits.DigitsConfig(
@@ -101,14 +109,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
         if args.threads < 0:
             raise ValueError(f"threads must be >= 0, got {args.threads}")
+        if args.output is not None:
+            # Before training, so that a bad --output costs nothing.
+            prepare_output_file(args.output, "--output")
     except (TypeError, ValueError) as exc:
-        print(f"dropkit demo: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     try:
         digits.require_demo_dependencies()
     except ModuleNotFoundError as exc:
-        print(f"dropkit demo: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(exc, status=1)
 
     start = time.perf_counter()
     results = digits.run_demo(config, progress=not args.no_progress, threads=args.threads or None)
@@ -122,7 +131,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(digits.format_table(results))
     print(f"({elapsed:.1f} s)")
     if args.output is not None:
-        path = digits.write_results(args.output, config, results)
+        try:
+            path = digits.write_results(args.output, config, results)
+        except OSError as exc:  # writable a moment ago; a full disk still gets one line
+            return _error(f"cannot write --output {args.output}: {exc}")
         print(f"results written to {path}")
     return 0
 
@@ -135,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 1 when optional dependencies are missing, 2 for bad
-        arguments (argparse itself exits with 2 on arguments it cannot parse).
+        arguments, data or output, after a one-line error on stderr (argparse itself exits with
+        2 on arguments it cannot parse).
     """
     args = build_parser().parse_args(argv)
     if args.command == "demo":

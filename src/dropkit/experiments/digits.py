@@ -29,6 +29,7 @@ from torch import nn
 
 import dropkit
 from dropkit._validation import check_int
+from dropkit.experiments._files import write_atomic
 
 __all__ = [
     "DIGITS_CLASSES",
@@ -398,15 +399,17 @@ def write_results(path: str | Path, config: DigitsConfig, results: Mapping[str, 
     """Write the config and the results of a demo run as JSON.
 
     Args:
-        path: the file to write; missing parent directories are created.
+        path: the file to write; missing parent directories are created.  Written atomically
+            (:func:`dropkit.experiments._files.write_atomic`), so a reader never sees half a file.
         config: the settings the results came from.
         results: the output of :func:`run_demo`.
 
     Returns:
         The path written.
+
+    Raises:
+        OSError: the file cannot be written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "demo": "digits",
         "dropkit_version": dropkit.__version__,
@@ -414,5 +417,4 @@ def write_results(path: str | Path, config: DigitsConfig, results: Mapping[str, 
         "config": dataclasses.asdict(config),
         "results": dict(results),
     }
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_atomic(path, json.dumps(payload, indent=2) + "\n")

@@ -50,6 +50,7 @@ from torch.nn import functional as F
 
 import dropkit
 from dropkit._validation import check_int
+from dropkit.experiments._files import prepare_output_file, seal, write_atomic
 from dropkit.nn.regularization import KLWarmup, regularization_loss
 from dropkit.nn.sparse_variational import SparseVariationalLinear, sparsity_report
 
@@ -521,20 +522,26 @@ def _json_number(value: Any) -> Any:
 def write_results(
     path: str | Path, config: SparseVDConfig, results: dict[str, Any], *, complete: bool = True
 ) -> Path:
-    """Write the config and the results (or the history so far) as JSON.
+    """Write the config and the results (or the history so far) as JSON, sealed.
+
+    The file carries its identity (experiment, config, dropkit and torch versions) and a
+    ``sha256`` checksum of everything else (:func:`dropkit.experiments._files.seal`), so a
+    damaged or edited file can be told from a real result.
 
     Args:
-        path: the file; missing parent directories are created.  Written atomically (a
-            temporary file, then a rename), so a reader never sees half a file.
+        path: the file; missing parent directories are created.  Written atomically (a unique
+            temporary file, fsync'ed, then renamed), so a reader never sees half a file and two
+            runs never share a temporary file.
         config: the settings.
         results: the output of :func:`run_experiment`, or ``{"history": [...]}`` mid-run.
         complete: whether the run has finished.
 
     Returns:
         The path written.
+
+    Raises:
+        OSError: the file cannot be written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "experiment": "sparse_vd_mnist",
         "model": "LeNet-300-100 (784-300-100-10, SparseVariationalLinear)",
@@ -546,10 +553,7 @@ def write_results(
         "config": dataclasses.asdict(config),
         "results": _json_number(results),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, json.dumps(seal(payload), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,17 +582,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OutputWriteError(Exception):
+    """A write of ``--output`` failed mid-run (told apart from errors of the training itself)."""
+
+
+def _error(prog: str, message: object) -> int:
+    """Print ``message`` as one ``PROG: error: ...`` line on stderr; the exit status 2."""
+    text = " ".join(str(message).splitlines())
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Command-line entry point.
+
+    The settings, the data and the ``--output`` location (its directory created and proven
+    writable) are all checked before training starts.
+
+    Args:
+        argv: the arguments; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 2 after a one-line error on stderr (argparse itself exits
+        with 2 on arguments it cannot parse).
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         config = SparseVDConfig.recipe(
             args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads
         )
         data = load_mnist(args.data)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if args.output is not None:
+            prepare_output_file(args.output, "--output")
+    except (TypeError, ValueError, OSError) as exc:
+        return _error(parser.prog, exc)
     if not config.is_official:
         print(
             f"note: {config.epochs} epochs: the recipe's schedule is scaled by "
@@ -599,14 +627,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     history: list[dict[str, Any]] = []
 
+    def save(results: dict[str, Any], complete: bool) -> None:
+        if args.output is None:
+            return
+        try:
+            write_results(args.output, config, results, complete=complete)
+        except OSError as exc:
+            raise _OutputWriteError(f"cannot write --output {args.output}: {exc}") from exc
+
     def checkpoint(record: dict[str, Any]) -> None:
         history.append(record)
-        if args.output is not None:
-            write_results(args.output, config, {"history": history}, complete=False)
+        save({"history": history}, complete=False)
 
-    results = run_experiment(config, data, progress=not args.no_progress, on_epoch=checkpoint)
-    if args.output is not None:
-        write_results(args.output, config, results)
+    try:
+        results = run_experiment(config, data, progress=not args.no_progress, on_epoch=checkpoint)
+        save(results, complete=True)
+    except _OutputWriteError as exc:
+        # --output was writable when the run started; a disk that fills up later still gets
+        # one line, not a traceback.
+        return _error(parser.prog, exc)
     print(
         f"test error {100 * results['test_error']:.2f}%  compression {results['compression']:.1f}x  "
         f"(paper: 1.92% at 68x)  {results['train_seconds']:.0f} s"

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -56,11 +57,37 @@ def _writable(directory: Path) -> bool:
     return True
 
 
+def _private_dir(directory: Path) -> bool:
+    """Whether ``directory`` is safe to load numba's cache from, creating it (mode 0700) if missing.
+
+    numba's cache index is a pickle: loading a directory that another local user can write (or
+    planted before us at a predictable name, ``/tmp/dropkit-numba-<uid>``) would run their code.
+    Safe means: a real directory, not a symlink, owned by the current user, not writable by the
+    group or others, and writable by us.  Where the platform has no uids (Windows) the per-user
+    locations are private already, and only writability is checked.
+    """
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode):
+        return False
+    getuid = getattr(os, "getuid", None)
+    if getuid is not None and (info.st_uid != getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        return False
+    return _writable(directory)
+
+
 def _configure_cache_dir() -> None:
     """Point numba's cache at a writable directory before any ``cache=True`` function is built.
 
     numba caches next to the source (``__pycache__``); in a read-only install (site-packages owned
-    by root, a container image) it would fail to cache, and every process would recompile.  An
+    by root, a container image) it would fail to cache, and every process would recompile.  The
+    fallbacks, ``$XDG_CACHE_HOME/dropkit/numba`` then ``<tmp>/dropkit-numba-<uid>``, are used only
+    when :func:`_private_dir` accepts them; with neither, numba's own default applies.  An
     explicit ``NUMBA_CACHE_DIR`` from the user always wins.
     """
     import numba
@@ -68,14 +95,17 @@ def _configure_cache_dir() -> None:
     if os.environ.get("NUMBA_CACHE_DIR") or _writable(Path(__file__).parent / "__pycache__"):
         return
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    getuid = getattr(os, "getuid", None)
     candidates = [
         Path(base) / "dropkit" / "numba",
-        Path(tempfile.gettempdir()) / f"dropkit-numba-{os.getuid()}",
+        Path(tempfile.gettempdir()) / f"dropkit-numba-{getuid() if getuid is not None else 'user'}",
     ]
     for candidate in candidates:
-        if _writable(candidate):
+        if _private_dir(candidate):
             numba.config.CACHE_DIR = str(candidate)  # type: ignore[attr-defined]
             return
+    # Neither is private: leave numba's own locators to decide (its per-user cache directory);
+    # a predictable shared path is never used just because it happens to be writable.
 
 
 _configure_cache_dir()

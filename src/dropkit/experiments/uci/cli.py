@@ -3,8 +3,11 @@
 Run it as ``python -m dropkit.experiments.uci.cli --data DIR --output OUT``; the defaults are the
 published grid-search protocol on every data set found in ``DIR``.  Each split's result is
 written atomically as soon as its batch of splits finishes, so ``--resume`` continues an
-interrupted run where it stopped.  tqdm (``pip install 'dropkit[demo]'``) draws the progress
-bars when installed.
+interrupted run where it stopped; a split file that is damaged, edited, or written for another
+split, other settings or another dropkit version is recomputed (one line on stderr says so), never
+used.  The output directories are created and proven writable before any training.  Every error
+of the command line is one line on stderr and exit status 2.  tqdm
+(``pip install 'dropkit[demo]'``) draws the progress bars when installed.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from typing import Any
 import torch
 
 import dropkit
+from dropkit.experiments._files import prepare_output_dir
 from dropkit.experiments.uci import concrete, protocol, report
 from dropkit.experiments.uci.data import Split, UCIDataset, list_datasets, load_dataset, select_splits
 
 __all__ = ["build_parser", "main", "run"]
+
+_PROG = "dropkit uci"
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -51,7 +57,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="data sets (default: all in --data)",
     )
     parser.add_argument(
-        "--splits", nargs="+", type=int, default=None, metavar="I", help="split indices (default: all)"
+        "--splits",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="I",
+        help="split indices, each once (default: all)",
     )
     parser.add_argument(
         "--split-batch",
@@ -105,7 +116,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and masks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path, required=True, help="output directory")
-    parser.add_argument("--resume", action="store_true", help="keep finished splits found in --output")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep finished splits found in --output (files that fail their checks are recomputed)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -135,14 +150,39 @@ def _bars(enabled: bool, label: str) -> Iterator[protocol.Progress]:
             bar.close()
 
 
+def _error(message: object) -> int:
+    """Print ``message`` as one ``dropkit uci: error: ...`` line on stderr; the exit status 2."""
+    text = " ".join(str(message).splitlines())
+    print(f"{_PROG}: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad arguments or data)."""
+    """Entry point.
+
+    Args:
+        argv: the arguments; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 2 for bad arguments, data or output (argparse itself exits
+        with 2 on arguments it cannot parse).
+    """
     return run(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark from arguments parsed by a parser built with :func:`build_parser`
-    (for mounting it as a subcommand); returns the exit status."""
+    (for mounting it as a subcommand).
+
+    Everything that can be checked is checked before any training: the settings, the data sets,
+    the ``--splits`` (in range, each once) and the output directories (created, writable).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit status: 0 on success, 2 after a one-line error on stderr.
+    """
     try:
         config = protocol.ProtocolConfig(
             epochs_scale=args.epochs_scale,
@@ -174,15 +214,25 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.data}: no data-set folders (each needs a data.txt)")
         datasets = [load_dataset(args.data, name) for name in names]
         chosen = {d.name: select_splits(d, args.splits) for d in datasets}
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (TypeError, ValueError, OSError) as exc:
+        return _error(exc)
+    output = args.output / "concrete" if concrete_config is not None else args.output
+    try:
+        # Before any training: a run that cannot write its results must not spend hours first.
+        prepare_output_dir(output, "--output")
+        for dataset in datasets:
+            prepare_output_dir(output / dataset.name, "--output")
+    except ValueError as exc:
+        return _error(exc)
     torch.set_num_threads(args.threads)
     if concrete_config is not None:
-        return _run_all(args, _concrete_method(args.output / "concrete", concrete_config), datasets, chosen)
-    if not config.is_protocol():
-        print("note: settings differ from the published protocol; results are labelled so", file=sys.stderr)
-    return _run_all(args, _protocol_method(args.output, config), datasets, chosen)
+        method = _concrete_method(output, concrete_config)
+    else:
+        if not config.is_protocol():
+            note = "note: settings differ from the published protocol; results are labelled so"
+            print(note, file=sys.stderr)
+        method = _protocol_method(output, config)
+    return _run_all(args, method, datasets, chosen)
 
 
 @dataclass(frozen=True)
@@ -193,6 +243,7 @@ class _Method:
     output: Path
     label: str
     settings: Callable[[UCIDataset], dict[str, Any]]
+    fields: dict[str, tuple[type, ...]]
     header: dict[str, Any]
     run_splits: Callable[[UCIDataset, list[Split], protocol.Progress], list[dict[str, Any]]]
     write_reports: Callable[[Path, dict[str, list[dict[str, Any]]], dict[str, Any]], None]
@@ -220,6 +271,7 @@ def _protocol_method(output: Path, config: protocol.ProtocolConfig) -> _Method:
             "protocol": config.is_protocol(),
             "dropkit_version": dropkit.__version__,
         },
+        fields=report.RESULT_FIELDS,
         run_splits=lambda dataset, group, bar: protocol.run_splits(dataset, group, config, progress=bar),
         write_reports=report.write_reports,
         summary=summary,
@@ -255,10 +307,17 @@ def _concrete_method(output: Path, config: concrete.ConcreteConfig) -> _Method:
             "full_recipe": config.is_full_recipe(),
             "dropkit_version": dropkit.__version__,
         },
+        fields=concrete.RESULT_FIELDS,
         run_splits=lambda dataset, group, bar: concrete.run_splits(dataset, group, config, progress=bar),
         write_reports=concrete.write_reports,
         summary=summary,
     )
+
+
+def _write_error(method: _Method, exc: OSError) -> int:
+    # The output was proven writable before the run; it can still fail later (disk full,
+    # directory removed or remounted read-only): one line, no traceback.
+    return _error(f"cannot write the results under {method.output}: {exc}")
 
 
 def _run_all(
@@ -269,14 +328,19 @@ def _run_all(
     all_results: dict[str, list[dict[str, Any]]] = {}
     for dataset in datasets:
         settings = method.settings(dataset)
-        try:
-            done = report.load_split_results(method.output, dataset.name, settings) if args.resume else {}
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        wanted = [s.index for s in chosen[dataset.name]]
+        done: dict[int, dict[str, Any]] = {}
+        if args.resume:
+            scan = report.load_split_results(method.output, dataset.name, settings, wanted, method.fields)
+            done = scan.done
+            for path, reason in scan.stale.values():
+                print(f"{path}: {reason}; recomputing", file=sys.stderr)
         pending = [s for s in chosen[dataset.name] if s.index not in done]
         if done:
-            print(f"{dataset.name}: resuming, {len(done)} split(s) already done", file=sys.stderr)
+            print(
+                f"{dataset.name}: resuming, {len(done)} split(s) already done, {len(pending)} to run",
+                file=sys.stderr,
+            )
         batch = args.split_batch or len(pending) or 1
         start = time.perf_counter()
         for first in range(0, len(pending), batch):
@@ -284,12 +348,17 @@ def _run_all(
             label = f"{dataset.name}{method.label} splits {group[0].index}-{group[-1].index}"
             with _bars(not args.no_progress, label) as bar:
                 results = method.run_splits(dataset, group, bar)
-            for result in results:
-                report.write_split_result(method.output, result, settings)
-                done[result["split"]] = result
-        wanted = {s.index for s in chosen[dataset.name]}
-        all_results[dataset.name] = [done[i] for i in sorted(done) if i in wanted]
-        method.write_reports(method.output, all_results, method.header)
+            try:
+                for result in results:
+                    report.write_split_result(method.output, result, settings)
+                    done[result["split"]] = result
+            except OSError as exc:
+                return _write_error(method, exc)
+        all_results[dataset.name] = [done[i] for i in sorted(done)]
+        try:
+            method.write_reports(method.output, all_results, method.header)
+        except OSError as exc:
+            return _write_error(method, exc)
         if all_results[dataset.name]:
             name = dataset.name + (f" ({method.label.strip()})" if method.label else "")
             line = method.summary(all_results[dataset.name])

@@ -102,6 +102,7 @@ from dropkit.nn.concrete import concrete_regularizers
 
 __all__ = [
     "GRID_STREAM",
+    "RESULT_FIELDS",
     "RETRAIN_STREAM",
     "ConcreteConfig",
     "ConcreteMLP",
@@ -688,6 +689,13 @@ _CSV_FIELDS = (
     "samples",
     "val_samples",
 )
+#: Keys of a concrete-dropout split result and their JSON types, checked when a run resumes.
+RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    **{k: v for k, v in report.RESULT_FIELDS.items() if k not in ("p", "tau_learned", "ll_tau_learned")},
+    "val_samples": (int,),
+    "p_input": (int, float),
+    "p_hidden": (int, float),
+}
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -280,14 +280,30 @@ def load_dataset(root: str | Path, name: str) -> UCIDataset:
 
 
 def select_splits(dataset: UCIDataset, splits: Sequence[int] | None) -> list[Split]:
-    """The requested splits (all when ``None``); ValueError for an index out of range."""
+    """The requested splits, in the order given (all when ``None``).
+
+    Args:
+        dataset: the data set.
+        splits: split indices, each in ``[0, dataset.n_splits)`` and listed once; ``None``: all.
+
+    Returns:
+        The :class:`Split` objects.
+
+    Raises:
+        ValueError: an index is out of range or listed twice (a split trains once per run; two
+            copies would also collide in the batched model's mask slots).
+    """
     if splits is None:
         return list(dataset.splits)
     out = []
+    seen: set[int] = set()
     for i in splits:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < dataset.n_splits:
             raise ValueError(
                 f"splits entry {i!r} is out of range for {dataset.name} ({dataset.n_splits} splits)"
             )
+        if i in seen:
+            raise ValueError(f"splits entry {i} is listed twice (got {list(splits)})")
+        seen.add(i)
         out.append(dataset.splits[i])
     return out

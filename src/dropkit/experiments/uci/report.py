@@ -2,10 +2,14 @@
 
 Layout of an output directory::
 
-    OUT/<dataset>/split_<i>.json   one file per finished split, written atomically
+    OUT/<dataset>/split_<i>.json   one file per finished split, written atomically, sealed
     OUT/results.csv                one row per finished split
     OUT/summary.json, summary.csv  mean ± standard error per data set
     OUT/summary.md                 dropkit's numbers beside the published ones
+
+A split file carries its identity (data set, split, dropkit version, settings) and a SHA-256
+checksum of its content (:func:`write_split_result`); a resumed run uses a file only when all of
+them match, and recomputes it otherwise (:func:`load_split_results`).
 
 The standard error is ``std(ddof=0) / sqrt(n_splits)``, as the benchmark reports it.
 """
@@ -16,16 +20,22 @@ import csv
 import io
 import json
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from dropkit._version import __version__
+from dropkit.experiments._files import read_sealed_json, seal, write_atomic
 
 __all__ = [
     "PUBLISHED",
     "PUBLISHED_NAMES",
+    "RESULT_FIELDS",
+    "SPLIT_FORMAT",
+    "SplitScan",
     "load_split_results",
     "mean_se",
+    "read_split_result",
     "split_path",
     "summarize",
     "write_atomic",
@@ -66,16 +76,39 @@ _CSV_FIELDS = (
     "epochs",
     "samples",
 )
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+#: ``format`` entry of a per-split result file (a file of another format is recomputed).
+SPLIT_FORMAT = "dropkit-uci-split/1"
+_NUMBER: tuple[type, ...] = (int, float)
+_OPTIONAL_NUMBER: tuple[type, ...] = (int, float, type(None))
+#: Keys of a protocol split result and their JSON types, checked when a run resumes.
+RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "dataset": (str,),
+    "split": (int,),
+    "epochs": (int,),
+    "samples": (int,),
+    "p": _NUMBER,
+    "tau": _NUMBER,
+    "validation_ll": _NUMBER,
+    "rmse": _NUMBER,
+    "ll": _NUMBER,
+    "ll_gaussian": _NUMBER,
+    "picp95": _NUMBER,
+    "mpiw95": _NUMBER,
+    "tau_learned": _OPTIONAL_NUMBER,
+    "ll_tau_learned": _OPTIONAL_NUMBER,
+    "tau_at_grid_edge": (bool,),
+    "grid": (list,),
+    "seconds": (dict,),
+}
+# The identity entries of a split file, with their JSON types.
+_ENVELOPE: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "dataset": (str,),
+    "split": (int,),
+    "dropkit_version": (str,),
+    "settings": (dict,),
+    "result": (dict,),
+}
 
 
 def split_path(output: str | Path, dataset: str, split: int) -> Path:
@@ -84,40 +117,147 @@ def split_path(output: str | Path, dataset: str, split: int) -> Path:
 
 
 def write_split_result(output: str | Path, result: dict[str, Any], settings: dict[str, Any]) -> Path:
-    """Write one split's result with the settings that produced it (atomically)."""
-    payload = {"settings": settings, "result": result}
+    """Write one split's result, sealed with its identity, atomically.
+
+    The file is a JSON object: ``format`` (:data:`SPLIT_FORMAT`), ``dataset``, ``split``,
+    ``dropkit_version``, ``settings`` (everything a resume must match), ``result``, and
+    ``sha256``, the :func:`~dropkit.experiments._files.checksum` of all the other entries.
+
+    Args:
+        output: the output directory.
+        result: one entry of ``run_splits``'s list (holds ``dataset`` and ``split``).
+        settings: the settings that produced it.
+
+    Returns:
+        The path written (:func:`split_path`).
+    """
+    payload = {
+        "format": SPLIT_FORMAT,
+        "dataset": result["dataset"],
+        "split": result["split"],
+        "dropkit_version": __version__,
+        "settings": settings,
+        "result": result,
+    }
     path = split_path(output, result["dataset"], result["split"])
-    return write_atomic(path, json.dumps(payload, indent=2) + "\n")
+    return write_atomic(path, json.dumps(seal(payload), indent=2) + "\n")
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_type(value: object, kinds: tuple[type, ...], where: str) -> None:
+    # bool is an int to isinstance, but a true/false in a count or a metric is damage.
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise ValueError(f"{where} is {_type_name(value)}, expected {expected}")
+
+
+def _first_difference(stored: object, now: object, where: str = "") -> str:
+    """The first setting that differs, as ``name=stored, now current`` (nested keys dotted)."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        for key in sorted(set(stored) | set(now), key=str):
+            if stored.get(key) != now.get(key):
+                return _first_difference(stored.get(key), now.get(key), f"{where}{key}.")
+    return f"{where.rstrip('.')}={stored!r}, now {now!r}"
+
+
+def read_split_result(
+    path: str | Path,
+    dataset: str,
+    split: int,
+    settings: dict[str, Any],
+    fields: Mapping[str, tuple[type, ...]] = RESULT_FIELDS,
+) -> dict[str, Any]:
+    """Read a file of :func:`write_split_result` and check that it is the result wanted.
+
+    Args:
+        path: the file.
+        dataset: the data set it must belong to.
+        split: the split it must hold.
+        settings: the settings it must have been produced with.
+        fields: keys the result must have, with their allowed types.
+
+    Returns:
+        The result.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file is truncated or not JSON, its checksum does not match, a key is
+            missing or has the wrong type, or it was written for another data set, split,
+            dropkit version or settings; the message says which, on one line.
+    """
+    payload = read_sealed_json(path)
+    for key, kinds in _ENVELOPE.items():
+        if key not in payload:
+            raise ValueError(f"missing key {key!r}")
+        _check_type(payload[key], kinds, repr(key))
+    if payload["format"] != SPLIT_FORMAT:
+        raise ValueError(f"format {payload['format']!r}, expected {SPLIT_FORMAT!r}")
+    for key, expected in (("dataset", dataset), ("split", split)):
+        if payload[key] != expected:
+            raise ValueError(f"written for {key} {payload[key]!r}, expected {expected!r}")
+    if payload["dropkit_version"] != __version__:
+        raise ValueError(f"written by dropkit {payload['dropkit_version']}, this is dropkit {__version__}")
+    # Compared as JSON: a tuple in ``settings`` is the list it was written as.
+    wanted = json.loads(json.dumps(settings))
+    if payload["settings"] != wanted:
+        raise ValueError(f"written for other settings ({_first_difference(payload['settings'], wanted)})")
+    result: dict[str, Any] = payload["result"]
+    for key, kinds in fields.items():
+        if key not in result:
+            raise ValueError(f"result has no key {key!r}")
+        _check_type(result[key], kinds, f"result key {key!r}")
+    if (result["dataset"], result["split"]) != (dataset, split):
+        found = f"{result['dataset']!r} split {result['split']!r}"
+        raise ValueError(f"result is of {found}, expected {dataset!r} split {split}")
+    return result
+
+
+class SplitScan(NamedTuple):
+    """What :func:`load_split_results` found: results to keep, files to recompute."""
+
+    #: Valid results, keyed by split index.
+    done: dict[int, dict[str, Any]]
+    #: Splits whose file exists but cannot be used: split index -> (path, why).
+    stale: dict[int, tuple[Path, str]]
 
 
 def load_split_results(
-    output: str | Path, dataset: str, settings: dict[str, Any]
-) -> dict[int, dict[str, Any]]:
-    """Finished splits of ``dataset`` under ``output``, keyed by split index.
+    output: str | Path,
+    dataset: str,
+    settings: dict[str, Any],
+    splits: Iterable[int],
+    fields: Mapping[str, tuple[type, ...]] = RESULT_FIELDS,
+) -> SplitScan:
+    """The finished results of ``splits`` of ``dataset`` under ``output``, for a resume.
 
-    Raises:
-        ValueError: a file is unreadable, or was produced with other settings (the message names
-            the file and the first differing setting).
+    A split without a file is simply pending.  A file that cannot be used (see
+    :func:`read_split_result`) is reported in :attr:`SplitScan.stale` and the split is to be
+    recomputed: a damaged or foreign file never ends a run, and is never used.
+
+    Args:
+        output: the output directory.
+        dataset: the data set.
+        settings: the settings of this run.
+        splits: the split indices wanted.
+        fields: keys the results must have, with their allowed types.
+
+    Returns:
+        The :class:`SplitScan`.
     """
-    folder = Path(output) / dataset
-    found: dict[int, dict[str, Any]] = {}
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.glob("split_*.json")):
+    scan = SplitScan({}, {})
+    for split in splits:
+        path = split_path(output, dataset, split)
+        if not path.exists():
+            continue
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-            result, stored = payload["result"], payload["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a split result written by this benchmark ({exc})") from None
-        if stored != settings:
-            keys = sorted(set(stored) | set(settings))
-            diff = next(k for k in keys if stored.get(k) != settings.get(k))
-            raise ValueError(
-                f"{path}: produced with other settings ({diff}={stored.get(diff)!r}, now "
-                f"{settings.get(diff)!r}); use another --output or the same settings"
-            )
-        found[int(result["split"])] = result
-    return found
+            scan.done[split] = read_split_result(path, dataset, split, settings, fields)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            scan.stale[split] = (path, reason)
+    return scan
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
