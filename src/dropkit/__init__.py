@@ -26,6 +26,9 @@ from dropkit.engine.streams import make_key as make_key
 from dropkit.engine.streams import manual_seed as manual_seed
 from dropkit.engine.streams import masks_shared_across_ranks as masks_shared_across_ranks
 from dropkit.engine.streams import share_masks_across_ranks as share_masks_across_ranks
+from dropkit.interop.convert import ConversionReport as ConversionReport
+from dropkit.interop.convert import convert as convert
+from dropkit.interop.convert import revert as revert
 from dropkit.interop.export import aoti_compile_and_package as aoti_compile_and_package
 from dropkit.interop.export import export as export
 from dropkit.kernels import use_reference_engine as use_reference_engine
@@ -33,12 +36,14 @@ from dropkit.mc.mode import mc_dropout as mc_dropout
 from dropkit.mc.sampling import mc_predict as mc_predict
 
 __all__ = [
+    "ConversionReport",
     "UnmanagedRecomputeError",
     "__version__",
     "aoti_compile_and_package",
     "checkpoint",
     "checkpoint_context",
     "clone_masks",
+    "convert",
     "element_key",
     "export",
     "functional",
@@ -52,6 +57,7 @@ __all__ = [
     "metrics",
     "nn",
     "realised_drop_probability",
+    "revert",
     "schedules",
     "share_masks_across_ranks",
     "use_reference_engine",
