@@ -14,7 +14,11 @@ import torch
 
 from dropkit.experiments.uci import cli, protocol, report
 from dropkit.experiments.uci.data import (
+    dataset_folder,
+    list_datasets,
     load_dataset,
+    locate_dataset,
+    no_datasets_message,
     regenerate_splits,
     select_splits,
     train_validation,
@@ -147,6 +151,81 @@ def test_malformed_directories_are_rejected(
 def test_missing_dataset_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such data-set directory"):
         load_dataset(tmp_path, "nope")
+
+
+def _write_published_layout(root: Path, name: str = "toy", **kwargs: Any) -> Path:
+    """The same synthetic data set in the published repository's layout, ``<name>/data/``, with
+    the published split files beside it (as ``UCI_Datasets/<name>/data/`` holds them)."""
+    folder = _write_dataset(root / name, name="data", **kwargs)
+    n = np.loadtxt(folder / "data.txt").shape[0]
+    n_splits = int((folder / "n_splits.txt").read_text())
+    for split in regenerate_splits(n, n_splits):
+        np.savetxt(folder / f"index_train_{split.index}.txt", split.train, fmt="%d")
+        np.savetxt(folder / f"index_test_{split.index}.txt", split.test, fmt="%d")
+    return folder
+
+
+def test_both_layouts_read_the_same_data(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    _write_dataset(flat)  # flat/toy/data.txt
+    nested = tmp_path / "nested"
+    folder = _write_published_layout(nested)  # nested/toy/data/data.txt
+    assert folder == nested / "toy" / "data"
+    assert dataset_folder(flat, "toy") == flat / "toy"
+    assert dataset_folder(nested, "toy") == folder
+    a, b = load_dataset(flat, "toy"), load_dataset(nested, "toy")
+    assert a.name == b.name == "toy"
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.y, b.y)
+    assert (a.n_splits, a.n_hidden, a.dropout_rates, a.tau_values) == (
+        b.n_splits,
+        b.n_hidden,
+        b.dropout_rates,
+        b.tau_values,
+    )
+    assert a.splits_source == "regenerated"
+    assert b.splits_source == "index files (equal to the regeneration)"  # read from data/
+    for x, y in zip(a.splits, b.splits, strict=True):
+        np.testing.assert_array_equal(x.train, y.train)
+        np.testing.assert_array_equal(x.test, y.test)
+
+
+def test_list_datasets_finds_both_layouts(tmp_path: Path) -> None:
+    _write_dataset(tmp_path, name="flat")
+    _write_published_layout(tmp_path, name="nested")
+    (tmp_path / "results").mkdir()  # a folder that holds no data set
+    (tmp_path / "notes.txt").write_text("not a folder")
+    assert list_datasets(tmp_path) == ["flat", "nested"]
+
+
+def test_unreadable_folder_names_both_layouts(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "data").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset(tmp_path, "empty")
+    message = str(info.value)
+    assert (
+        f"{tmp_path / 'empty' / 'data.txt'}: missing, and so is {tmp_path / 'empty' / 'data' / 'data.txt'}"
+        in (message)
+    )
+    assert "<name>/data.txt" in message
+    assert "<name>/data/data.txt" in message
+    assert "UCI_Datasets" in message
+    assert "<name>/data/data.txt" in no_datasets_message(tmp_path / "empty")
+
+
+def test_a_dataset_folder_passed_as_root_is_located(tmp_path: Path) -> None:
+    _write_dataset(tmp_path / "flat")
+    _write_published_layout(tmp_path / "nested")
+    assert locate_dataset(tmp_path / "flat" / "toy") == (tmp_path / "flat", "toy")
+    assert locate_dataset(tmp_path / "nested" / "toy") == (tmp_path / "nested", "toy")
+    assert locate_dataset(tmp_path / "nested" / "toy" / "data") == ((tmp_path / "nested").resolve(), "toy")
+    assert locate_dataset(tmp_path / "flat") is None
+    message = no_datasets_message(tmp_path / "nested" / "toy")
+    assert message.endswith(f"is itself a data-set folder: use --data {tmp_path / 'nested'} --datasets toy")
+    (tmp_path / "repo" / "UCI_Datasets").mkdir(parents=True)
+    assert no_datasets_message(tmp_path / "repo").endswith(
+        f"did you mean --data {tmp_path / 'repo' / 'UCI_Datasets'}?"
+    )
 
 
 # --- batched training ---------------------------------------------------------------------------
@@ -508,7 +587,8 @@ def test_markdown_table_shows_published_numbers() -> None:
     assert summary["rmse"] == pytest.approx(0.8)
     assert summary["rmse_se"] == pytest.approx(0.1 / math.sqrt(2))
     table = report.markdown_table([summary], {"protocol": True})
-    assert "| Yacht | 2 | 0.80 ± 0.07 | 0.67 ± 0.05 | -1.30 ± 0.00 | -1.25 ± 0.01 |" in table
+    assert "| Yacht | 2 | 0.800 ± 0.071 | 0.67 ± 0.05 [1] | -1.30 ± 0.00 | -1.25 ± 0.01 [1] |" in table
+    assert "\n[1] Gal & Ghahramani, MC dropout, grid-search protocol" in table
 
 
 def test_cli_mounts_as_subcommand(tmp_path: Path) -> None:

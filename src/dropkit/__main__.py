@@ -6,42 +6,77 @@ Subcommands:
   train accuracy, test accuracy and generalization gap side by side
   (:mod:`dropkit.experiments.digits`; needs ``pip install 'dropkit[demo]'``).
 * ``uci``: the UCI regression MC-dropout benchmark (Gal & Ghahramani's grid-search protocol) on
-  data read from ``--data DIR`` (:mod:`dropkit.experiments.uci`).
+  data read from ``--data DIR`` (:mod:`dropkit.experiments.uci`; also
+  ``python -m dropkit.experiments.uci.cli``, same help).
+* ``sparse-vd``: sparse variational dropout, LeNet-300-100 on MNIST read from ``--data DIR``
+  (:mod:`dropkit.experiments.sparse_vd_mnist`; also ``python -m
+  dropkit.experiments.sparse_vd_mnist``, same help).
+
+Each subcommand is registered by one ``_add_<command>(commands)`` function that creates its
+sub-parser (one line of ``help`` for ``dropkit --help``, the full description for
+``dropkit <command> --help``, :class:`dropkit.experiments._cli.HelpFormatter`) and sets its
+``func`` default, the function that runs it and returns the exit status (argparse's
+``set_defaults(func=...)`` idiom); adding a command is adding one such function and one call in
+:func:`build_parser`.  Every long command reports progress the same way
+(:class:`dropkit.experiments._console.Progress`: bars on a terminal, plain lines otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
 from dropkit._version import __version__
-from dropkit.experiments import digits
+from dropkit.diagnostics.cli import add_doctor_parser
+from dropkit.experiments import _cli, digits, sparse_vd_mnist
+from dropkit.experiments._console import format_duration
 from dropkit.experiments._files import prepare_output_file
 from dropkit.experiments.uci import cli as uci_cli
 
 __all__ = ["build_parser", "main"]
 
+if TYPE_CHECKING:
+    # What ``add_subparsers`` returns (its class is private to argparse).
+    _Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``dropkit`` command, with one sub-parser per subcommand."""
+    """The argument parser of the ``dropkit`` command, with one sub-parser per subcommand.
+
+    Each sub-parser's ``func`` default is the function that runs it: ``main`` calls
+    ``args.func(args)``.
+    """
     parser = argparse.ArgumentParser(
-        prog="dropkit", description="dropkit: every dropout technique for PyTorch, reproducibly."
+        prog="dropkit",
+        description="dropkit: every dropout technique for PyTorch, reproducibly.",
+        epilog="Run 'dropkit COMMAND --help' for a command's options.",
+        formatter_class=_cli.HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dropkit {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    _add_demo(commands)
+    _add_uci(commands)
+    _add_sparse_vd(commands)
+    _add_doctor(commands)
+    return parser
 
+
+def _add_demo(commands: _Commands) -> None:
+    """Register ``dropkit demo``."""
     defaults = digits.DigitsConfig()
     demo = commands.add_parser(
         "demo",
-        help="train an MLP on sklearn's digits with and without dropout, compare generalization",
+        help="dropout against overfitting on scikit-learn's digits",
         description=(
             "Train the same MLP (64 -> hidden -> hidden -> 10, ReLU) twice on a small stratified "
             "subset of scikit-learn's digits, without and with dropkit.nn.Dropout, and print train "
-            "accuracy, test accuracy and their gap side by side. Progress bars go to stderr."
+            "accuracy, test accuracy and their gap side by side.\n\n"
+            "Progress goes to stderr: a bar per run on a terminal, one line per tenth of the "
+            "epochs otherwise."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_cli.HelpFormatter,
     )
     demo.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs per model")
     demo.add_argument("--hidden", type=int, default=defaults.hidden, help="width of both hidden layers")
@@ -76,21 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads; 0 keeps torch's default (1 is fastest for these small models)",
     )
     demo.add_argument("--output", metavar="PATH", default=None, help="also write the results as JSON")
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    uci_cli.build_parser(
-        commands.add_parser(
-            "uci",
-            help="the UCI regression MC-dropout benchmark (grid-search protocol) on data from a path",
-        )
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress on stderr (neither bars nor lines)"
     )
-    return parser
+    demo.set_defaults(func=_run_demo)
+
+
+def _add_uci(commands: _Commands) -> None:
+    """Register ``dropkit uci`` (arguments, description and help of
+    :func:`dropkit.experiments.uci.cli.build_parser`)."""
+    uci = commands.add_parser("uci", help=uci_cli.SUMMARY)
+    uci_cli.build_parser(uci)
+    uci.set_defaults(func=uci_cli.run)
+
+
+def _add_doctor(commands: _Commands) -> None:
+    """``doctor``: dropout placement, rate and measurement checks (:mod:`dropkit.diagnostics.cli`)."""
+    add_doctor_parser(commands)
+
+
+def _add_sparse_vd(commands: _Commands) -> None:
+    """Register ``dropkit sparse-vd`` (arguments, description and help of
+    :func:`dropkit.experiments.sparse_vd_mnist.build_parser`)."""
+    sparse_vd = commands.add_parser("sparse-vd", help=sparse_vd_mnist.SUMMARY)
+    sparse_vd_mnist.build_parser(sparse_vd)
+    sparse_vd.set_defaults(func=lambda args: sparse_vd_mnist.run(args, prog="dropkit sparse-vd"))
 
 
 def _error(message: object, status: int = 2) -> int:
     """Print ``message`` as one ``dropkit demo: error: ...`` line on stderr; returns ``status``."""
-    text = " ".join(str(message).splitlines())
-    print(f"dropkit demo: error: {text}", file=sys.stderr)
-    return status
+    return _cli.error("dropkit demo", message, status)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -129,7 +179,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         f"{config.input_dropout} (input) / {config.hidden_dropout} (hidden), seed {config.seed}"
     )
     print(digits.format_table(results))
-    print(f"({elapsed:.1f} s)")
+    print(f"({format_duration(elapsed)})")
     if args.output is not None:
         try:
             path = digits.write_results(args.output, config, results)
@@ -151,11 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         2 on arguments it cannot parse).
     """
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        return _run_demo(args)
-    if args.command == "uci":
-        return uci_cli.run(args)
-    raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover
+    status: int = args.func(args)
+    return status
 
 
 if __name__ == "__main__":

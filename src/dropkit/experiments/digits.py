@@ -11,6 +11,8 @@ its model, so a config reproduces its results exactly in the same environment.
 
 scikit-learn and tqdm are optional dependencies (``pip install 'dropkit[demo]'``); they are
 imported when first needed, so this module and :class:`DigitsConfig` import without them.
+Progress goes to stderr: a tqdm bar per run on a terminal, one line per tenth of the epochs
+otherwise (:class:`~dropkit.experiments._console.Progress`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 
 import dropkit
 from dropkit._validation import check_int
+from dropkit.experiments._console import Progress, format_number
 from dropkit.experiments._files import write_atomic
 
 __all__ = [
@@ -251,14 +253,14 @@ def train(
         lr: learning rate.
         optimizer: ``"adam"`` or ``"sgd"`` (with momentum 0.9).
         seed: seed of the batch order.
-        desc: label of the progress bar.
-        progress: show a tqdm progress bar on stderr, one step per epoch, with the loss.
+        desc: label of the progress display.
+        progress: show progress on stderr with the loss
+            (:class:`~dropkit.experiments._console.Progress`: a bar on a terminal, else one
+            line per tenth of the epochs).
 
     Returns:
         The mean training loss of each epoch.
     """
-    from tqdm import tqdm
-
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     elif optimizer == "sgd":
@@ -270,10 +272,8 @@ def train(
     n = x.shape[0]
     history: list[float] = []
     model.train()
-    with tqdm(
-        range(epochs), desc=desc, unit="epoch", file=sys.stderr, disable=not progress, dynamic_ncols=True
-    ) as bar:
-        for _ in bar:
+    with Progress(desc, epochs, unit="epochs", enabled=progress) as bar:
+        for epoch in range(epochs):
             total = 0.0
             for batch in torch.randperm(n, generator=generator).split(batch_size):
                 opt.zero_grad(set_to_none=True)
@@ -282,7 +282,7 @@ def train(
                 opt.step()
                 total += loss.item() * batch.numel()
             history.append(total / n)
-            bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+            bar.update(epoch + 1, {"loss": format_number(history[-1])})
     return history
 
 
@@ -318,7 +318,7 @@ def run_demo(
 
     Args:
         config: the demo settings.
-        progress: show a tqdm progress bar per run on stderr.
+        progress: show each run's progress on stderr (a bar on a terminal, else plain lines).
         threads: torch intra-op threads while the demo runs (restored afterwards); ``None``
             keeps torch's setting.  The default, 1, is as fast as more threads for these small
             matrices on an idle machine, does not collapse when other processes compete for

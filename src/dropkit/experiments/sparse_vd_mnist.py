@@ -25,7 +25,9 @@ downloaded.  Run it as a module::
     python -m dropkit.experiments.sparse_vd_mnist --data /path/to/mnist --epochs 200 \\
         --output results.json
 
-tqdm is an optional dependency (``pip install 'dropkit[demo]'``), imported when first needed.
+It is also ``dropkit sparse-vd`` (the same arguments and help).  Progress goes to stderr
+(:class:`~dropkit.experiments._console.Progress`): a tqdm bar on a terminal (tqdm is optional,
+``pip install 'dropkit[demo]'``), one plain line per twentieth of the epochs otherwise.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from torch.nn import functional as F
 
 import dropkit
 from dropkit._validation import check_int
+from dropkit.experiments._cli import HelpFormatter, error
+from dropkit.experiments._console import Progress, format_duration, format_number
 from dropkit.experiments._files import prepare_output_file, seal, write_atomic
 from dropkit.nn.regularization import KLWarmup, regularization_loss
 from dropkit.nn.sparse_variational import SparseVariationalLinear, sparsity_report
@@ -58,15 +62,19 @@ __all__ = [
     "IDX_DTYPES",
     "LENET_300_100",
     "MNIST_FILES",
+    "DESCRIPTION",
     "RECIPE_EPOCHS",
+    "SUMMARY",
     "MnistData",
     "SparseVDConfig",
     "build_lenet_300_100",
+    "build_parser",
     "evaluate_error",
     "learning_rate",
     "load_mnist",
     "main",
     "read_idx",
+    "run",
     "run_experiment",
     "write_results",
 ]
@@ -97,6 +105,8 @@ _RECIPE_KL_END = 20.0
 _SEED_LIMIT = 1 << 63
 _GZIP_MAGIC = b"\x1f\x8b"
 _EVAL_BATCH = 10_000
+# Off a terminal, one progress line per twentieth of the epochs (every 10 epochs of the recipe).
+_PROGRESS_LINES = 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,8 +404,6 @@ def _train(
     progress: bool,
     on_epoch: EpochCallback | None,
 ) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     warmup = KLWarmup(config.kl_start, config.kl_end)
     generator = torch.Generator().manual_seed(config.seed)
@@ -403,16 +411,10 @@ def _train(
     steps = math.ceil(n / config.batch_size)
     history: list[dict[str, Any]] = []
     model.train()
-    desc = "sparse VD LeNet-300-100"
-    with tqdm(
-        range(config.epochs),
-        desc=desc,
-        unit="epoch",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
+    with Progress(
+        "sparse VD LeNet-300-100", config.epochs, unit="epochs", enabled=progress, lines=_PROGRESS_LINES
     ) as bar:
-        for epoch in bar:
+        for epoch in range(config.epochs):
             start = time.perf_counter()
             lr = learning_rate(config, epoch)
             for group in optimizer.param_groups:
@@ -446,11 +448,13 @@ def _train(
                 "seconds": time.perf_counter() - start,
             }
             history.append(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}",
-                err=f"{100 * record['test_error']:.2f}%",
-                comp=f"{record['compression']:.1f}x",
-                refresh=False,
+            bar.update(
+                epoch + 1,
+                {
+                    "loss": format_number(record["loss"]),
+                    "err": f"{format_number(100 * record['test_error'])}%",
+                    "comp": f"{format_number(record['compression'])}x",
+                },
             )
             if on_epoch is not None:
                 on_epoch(record)
@@ -472,8 +476,8 @@ def run_experiment(
     Args:
         config: the settings.
         data: the data, e.g. from :func:`load_mnist`.
-        progress: show a tqdm progress bar on stderr, one step per epoch, with the loss, the
-            test error and the compression.
+        progress: show progress on stderr with the loss, the test error and the compression
+            (a bar on a terminal, else one line per twentieth of the epochs).
         on_epoch: called after every epoch with that epoch's record.
 
     Returns:
@@ -560,25 +564,39 @@ def write_results(
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dropkit.experiments.sparse_vd_mnist",
-        description=(
-            "Sparse variational dropout, LeNet-300-100 on MNIST (Molchanov et al. 2017). "
-            "--epochs other than 200 scales the recipe's schedule by epochs/200 (lr decay from "
-            "epochs/2, KL warm-up from epochs/40 to epochs/10): a shortened run, not the published one."
-        ),
-    )
+#: One line for the list of commands of ``dropkit --help``.
+SUMMARY = "sparse variational dropout, LeNet-300-100 on MNIST"
+#: The description of the command's help (paragraphs).
+DESCRIPTION = """\
+Sparse variational dropout, LeNet-300-100 on MNIST (Molchanov et al. 2017): the official
+recipe by default. --epochs other than 200 scales the recipe's schedule by epochs/200 (lr decay
+from epochs/2, KL warm-up from epochs/40 to epochs/10): a shortened run, not the published one.
+
+Data (--data DIR, never downloaded): the four MNIST IDX files, gzip-compressed or plain.
+Progress goes to stderr: a bar on a terminal, one line per twentieth of the epochs otherwise.
+"""
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The experiment's arguments, description and help format, added to ``parser`` (a new one
+    when ``None``; pass a sub-parser to mount it as ``dropkit sparse-vd``).  Both give the same
+    help text."""
+    if parser is None:
+        parser = argparse.ArgumentParser(prog="python -m dropkit.experiments.sparse_vd_mnist")
+    parser.description = DESCRIPTION
+    parser.formatter_class = HelpFormatter
     parser.add_argument(
-        "--data", required=True, type=Path, help="directory of the MNIST IDX files (no download)"
+        "--data", required=True, type=Path, metavar="DIR", help="directory of the MNIST IDX files"
     )
-    parser.add_argument("--epochs", type=int, default=RECIPE_EPOCHS, help="epochs (default: 200, the recipe)")
-    parser.add_argument("--batch-size", type=int, default=100, help="mini-batch size (default: 100)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate (default: 1e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--epochs", type=int, default=RECIPE_EPOCHS, help="epochs (200: the recipe)")
+    parser.add_argument("--batch-size", type=int, default=100, help="mini-batch size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and noise")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output", type=Path, default=None, help="JSON file, rewritten after every epoch")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress on stderr (neither bar nor lines)"
+    )
     return parser
 
 
@@ -586,28 +604,33 @@ class _OutputWriteError(Exception):
     """A write of ``--output`` failed mid-run (told apart from errors of the training itself)."""
 
 
-def _error(prog: str, message: object) -> int:
-    """Print ``message`` as one ``PROG: error: ...`` line on stderr; the exit status 2."""
-    text = " ".join(str(message).splitlines())
-    print(f"{prog}: error: {text}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point.
-
-    The settings, the data and the ``--output`` location (its directory created and proven
-    writable) are all checked before training starts.
+    """Command-line entry point (``python -m dropkit.experiments.sparse_vd_mnist``).
 
     Args:
         argv: the arguments; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
+        The exit status of :func:`run`.
+    """
+    parser = build_parser()
+    return run(parser.parse_args(argv), prog=parser.prog)
+
+
+def run(args: argparse.Namespace, prog: str = "dropkit sparse-vd") -> int:
+    """Run the experiment from arguments parsed by a parser built with :func:`build_parser`.
+
+    The settings, the data and the ``--output`` location (its directory created and proven
+    writable) are all checked before training starts.
+
+    Args:
+        args: the parsed arguments.
+        prog: the command's name, the prefix of error lines.
+
+    Returns:
         The exit status: 0 on success, 2 after a one-line error on stderr (argparse itself exits
         with 2 on arguments it cannot parse).
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
         config = SparseVDConfig.recipe(
             args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads
@@ -616,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output is not None:
             prepare_output_file(args.output, "--output")
     except (TypeError, ValueError, OSError) as exc:
-        return _error(parser.prog, exc)
+        return error(prog, exc)
     if not config.is_official:
         print(
             f"note: {config.epochs} epochs: the recipe's schedule is scaled by "
@@ -645,10 +668,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _OutputWriteError as exc:
         # --output was writable when the run started; a disk that fills up later still gets
         # one line, not a traceback.
-        return _error(parser.prog, exc)
+        return error(prog, exc)
     print(
-        f"test error {100 * results['test_error']:.2f}%  compression {results['compression']:.1f}x  "
-        f"(paper: 1.92% at 68x)  {results['train_seconds']:.0f} s"
+        f"test error {format_number(100 * results['test_error'])}%  "
+        f"compression {format_number(results['compression'])}x  "
+        f"(paper: 1.92% at 68x)  {format_duration(results['train_seconds'])}"
     )
     return 0
 

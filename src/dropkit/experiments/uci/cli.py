@@ -1,13 +1,16 @@
-"""Command line of the UCI MC-dropout benchmark.
+"""Command line of the UCI MC-dropout benchmark: ``dropkit uci``.
 
-Run it as ``python -m dropkit.experiments.uci.cli --data DIR --output OUT``; the defaults are the
-published grid-search protocol on every data set found in ``DIR``.  Each split's result is
-written atomically as soon as its batch of splits finishes, so ``--resume`` continues an
-interrupted run where it stopped; a split file that is damaged, edited, or written for another
-split, other settings or another dropkit version is recomputed (one line on stderr says so), never
-used.  The output directories are created and proven writable before any training.  Every error
-of the command line is one line on stderr and exit status 2.  tqdm
-(``pip install 'dropkit[demo]'``) draws the progress bars when installed.
+``python -m dropkit.experiments.uci.cli`` is the same command with the same help (both build
+their arguments with :func:`build_parser`); the defaults are the published grid-search protocol
+on every data set found in ``--data``, in either layout of
+:data:`~dropkit.experiments.uci.data.LAYOUTS`.  Each split's result is written atomically as
+soon as its batch of splits finishes, so ``--resume`` continues an interrupted run where it
+stopped; a split file that is damaged, edited, or written for another split, other settings or
+another dropkit version is recomputed (one line on stderr says so), never used.  The output
+directories are created and proven writable before any training.  Every error of the command
+line is one line on stderr and exit status 2.  Progress goes to stderr
+(:class:`~dropkit.experiments._console.Progress`): tqdm bars on a terminal (``pip install
+'dropkit[demo]'``), one plain line per finished block of work otherwise.
 """
 
 from __future__ import annotations
@@ -24,30 +27,58 @@ from typing import Any
 import torch
 
 import dropkit
+from dropkit.experiments import _cli
+from dropkit.experiments._console import Progress, format_duration, format_mean_se, format_number
 from dropkit.experiments._files import prepare_output_dir
 from dropkit.experiments.uci import concrete, protocol, report
-from dropkit.experiments.uci.data import Split, UCIDataset, list_datasets, load_dataset, select_splits
+from dropkit.experiments.uci.data import (
+    Split,
+    UCIDataset,
+    list_datasets,
+    load_dataset,
+    locate_dataset,
+    no_datasets_message,
+    select_splits,
+)
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["DESCRIPTION", "SUMMARY", "build_parser", "main", "run"]
 
 _PROG = "dropkit uci"
+#: One line for the list of commands of ``dropkit --help``.
+SUMMARY = "UCI regression benchmark of MC dropout"
+#: The description of ``dropkit uci --help`` (paragraphs).
+DESCRIPTION = """\
+UCI regression benchmark of MC dropout, grid-search protocol (Gal & Ghahramani 2016): a
+12-point (p, tau) grid selected by validation log-likelihood, retrained on the full training
+split, scored with T=10,000 passes. The defaults are the published protocol.
+
+Data (--data DIR, never downloaded): one folder per data set, in either layout:
+DIR/<name>/data.txt, or DIR/<name>/data/data.txt as in the MC-dropout benchmark repository
+(pass its UCI_Datasets folder as DIR). Beside data.txt: index_features.txt, index_target.txt,
+n_splits.txt, n_hidden.txt, n_epochs.txt, dropout_rates.txt, tau_values.txt, and optionally the
+published split files index_train_<i>.txt and index_test_<i>.txt.
+
+Output (--output OUT): one JSON file per finished split (--resume continues an interrupted run),
+results.csv and summary.json/.csv at full precision, and summary.md beside the published numbers
+with their sources, to significant figures. Progress goes to stderr: bars on a terminal, one
+line per finished block of work otherwise.
+"""
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The benchmark's arguments, added to ``parser`` (a new one when ``None``; pass a sub-parser
-    to mount the benchmark as a subcommand)."""
+    """The benchmark's arguments, description and help format, added to ``parser`` (a new one
+    when ``None``; pass a sub-parser to mount the benchmark as a subcommand).  Both give the
+    same help text."""
     if parser is None:
-        parser = argparse.ArgumentParser(
-            prog="python -m dropkit.experiments.uci.cli",
-            description=(
-                "UCI regression benchmark of MC dropout, grid-search protocol (Gal & Ghahramani 2016): "
-                "12-point (p, tau) grid selected by validation log-likelihood, retrained on the full "
-                "training split, scored with T=10,000 passes. Defaults are the published protocol."
-            ),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        )
+        parser = argparse.ArgumentParser(prog="python -m dropkit.experiments.uci.cli")
+    parser.description = DESCRIPTION
+    parser.formatter_class = _cli.HelpFormatter
     parser.add_argument(
-        "--data", required=True, type=Path, help="directory of the data-set folders (no download)"
+        "--data",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder of the data-set folders, each DIR/<name>/data.txt or DIR/<name>/data/data.txt",
     )
     parser.add_argument(
         "--datasets",
@@ -102,7 +133,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         action="store_true",
         help=(
             "beyond the protocol: run the concrete-dropout variant (learned drop rates) instead, "
-            "written under OUTPUT/concrete; its --val-T defaults to 1000"
+            "written under OUT/concrete; its --val-T defaults to 1000"
         ),
     )
     parser.add_argument("--mc-block", type=int, default=10, help="MC passes per prediction block")
@@ -115,46 +146,53 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and masks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--output", type=Path, required=True, help="output directory")
+    parser.add_argument("--output", type=Path, required=True, metavar="OUT", help="output directory")
     parser.add_argument(
         "--resume",
         action="store_true",
         help="keep finished splits found in --output (files that fail their checks are recomputed)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress on stderr (neither bars nor lines)"
+    )
     return parser
 
 
+#: Unit and number of lines (off a terminal) of each phase of ``run_splits``'s progress.
+_PHASES = {
+    "grid": ("epochs", 10),
+    "validate": ("passes", 1),
+    "retrain": ("epochs", 10),
+    "test": ("passes", 1),
+}
+
+
 @contextlib.contextmanager
-def _bars(enabled: bool, label: str) -> Iterator[protocol.Progress]:
-    if not enabled:
-        yield lambda phase, done, total: None
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        yield lambda phase, done, total: None
-        return
-    bars: dict[str, Any] = {}
+def _phase_progress(enabled: bool, label: str) -> Iterator[protocol.Progress]:
+    """A ``progress(phase, done, total)`` callback showing one :class:`Progress` per phase."""
+    shown: dict[str, Progress] = {}
 
     def update(phase: str, done: int, total: int) -> None:
-        bar = bars.get(phase)
-        if bar is None:
-            bar = bars[phase] = tqdm(total=total, desc=f"{label} {phase}", leave=False, file=sys.stderr)
-        bar.update(done - bar.n)
+        current = shown.get(phase)
+        if current is None:
+            for previous in shown.values():  # phases run one after the other
+                previous.close()
+            unit, lines = _PHASES.get(phase, ("steps", 10))
+            current = shown[phase] = Progress(
+                f"{label} {phase}", total, unit=unit, enabled=enabled, lines=lines, leave=False
+            )
+        current.update(done)
 
     try:
         yield update
     finally:
-        for bar in bars.values():
-            bar.close()
+        for current in shown.values():
+            current.close()
 
 
 def _error(message: object) -> int:
     """Print ``message`` as one ``dropkit uci: error: ...`` line on stderr; the exit status 2."""
-    text = " ".join(str(message).splitlines())
-    print(f"{_PROG}: error: {text}", file=sys.stderr)
-    return 2
+    return _cli.error(_PROG, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,9 +247,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if args.split_batch < 0:
             raise ValueError(f"--split-batch must be >= 0, got {args.split_batch}")
+        if args.datasets is None and locate_dataset(args.data) is not None:
+            # A data-set folder itself (UCI_Datasets/yacht): its "data" subfolder is no data set.
+            raise ValueError(no_datasets_message(args.data))
         names = args.datasets or list_datasets(args.data)
         if not names:
-            raise ValueError(f"{args.data}: no data-set folders (each needs a data.txt)")
+            raise ValueError(no_datasets_message(args.data))
         datasets = [load_dataset(args.data, name) for name in names]
         chosen = {d.name: select_splits(d, args.splits) for d in datasets}
     except (TypeError, ValueError, OSError) as exc:
@@ -253,7 +294,7 @@ class _Method:
 def _protocol_method(output: Path, config: protocol.ProtocolConfig) -> _Method:
     def summary(results: list[dict[str, Any]]) -> str:
         s = report.summarize(results)
-        return f"RMSE {s['rmse']:.3f} ± {s['rmse_se']:.3f}  LL {s['ll']:.3f} ± {s['ll_se']:.3f}"
+        return f"RMSE {format_mean_se(s['rmse'], s['rmse_se'])}  LL {format_mean_se(s['ll'], s['ll_se'])}"
 
     return _Method(
         output=output,
@@ -286,8 +327,8 @@ def _concrete_method(output: Path, config: concrete.ConcreteConfig) -> _Method:
     def summary(results: list[dict[str, Any]]) -> str:
         s = concrete.summarize(results)
         return (
-            f"RMSE {s['rmse']:.3f} ± {s['rmse_se']:.3f}  LL {s['ll']:.3f} ± {s['ll_se']:.3f}  "
-            f"p {s['p_input']:.4f} / {s['p_hidden']:.4f}"
+            f"RMSE {format_mean_se(s['rmse'], s['rmse_se'])}  LL {format_mean_se(s['ll'], s['ll_se'])}  "
+            f"p {format_number(s['p_input'])} / {format_number(s['p_hidden'])}"
         )
 
     return _Method(
@@ -343,17 +384,25 @@ def _run_all(
             )
         batch = args.split_batch or len(pending) or 1
         start = time.perf_counter()
-        for first in range(0, len(pending), batch):
-            group = pending[first : first + batch]
-            label = f"{dataset.name}{method.label} splits {group[0].index}-{group[-1].index}"
-            with _bars(not args.no_progress, label) as bar:
-                results = method.run_splits(dataset, group, bar)
-            try:
-                for result in results:
-                    report.write_split_result(method.output, result, settings)
-                    done[result["split"]] = result
-            except OSError as exc:
-                return _write_error(method, exc)
+        with Progress(
+            f"{dataset.name}{method.label}",
+            len(pending),
+            unit="splits",
+            enabled=not args.no_progress,
+            lines=max(1, len(pending)),
+        ) as splits_done:
+            for first in range(0, len(pending), batch):
+                group = pending[first : first + batch]
+                label = f"{dataset.name}{method.label} splits {group[0].index}-{group[-1].index}"
+                with _phase_progress(not args.no_progress, label) as bar:
+                    results = method.run_splits(dataset, group, bar)
+                try:
+                    for result in results:
+                        report.write_split_result(method.output, result, settings)
+                        done[result["split"]] = result
+                except OSError as exc:
+                    return _write_error(method, exc)
+                splits_done.update(first + len(group))
         all_results[dataset.name] = [done[i] for i in sorted(done)]
         try:
             method.write_reports(method.output, all_results, method.header)
@@ -363,7 +412,7 @@ def _run_all(
             name = dataset.name + (f" ({method.label.strip()})" if method.label else "")
             line = method.summary(all_results[dataset.name])
             count, seconds = len(all_results[dataset.name]), time.perf_counter() - start
-            print(f"{name}: {line}  ({count} splits, {seconds:.0f} s this run)")
+            print(f"{name}: {line}  ({count} splits, {format_duration(seconds)} this run)")
     return 0
 
 

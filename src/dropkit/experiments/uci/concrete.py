@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as torch_F
 
 import dropkit
+from dropkit.experiments._console import format_mean_se, format_number
 from dropkit.experiments.uci import report
 from dropkit.experiments.uci.data import Split, UCIDataset, train_validation
 from dropkit.experiments.uci.model import ShuffleGroups, glorot_kernels
@@ -707,11 +708,13 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown_table(summaries: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
-    """The concrete-dropout numbers beside the published grid-search protocol's."""
+    """The concrete-dropout numbers beside the published grid-search protocol's (with sources),
+    to significant figures."""
 
-    def fmt(s: dict[str, Any], key: str, spec: str = ".2f") -> str:
-        return f"{s[key]:{spec}} ± {s[key + '_se']:{spec}}" if key in s else "-"
+    def fmt(s: dict[str, Any], key: str) -> str:
+        return format_mean_se(s[key], s[key + "_se"]) if key in s else "-"
 
+    published, notes = report.published_columns(s["dataset"] for s in summaries)
     lines = [
         f"## {_TITLE}",
         "",
@@ -724,21 +727,19 @@ def markdown_table(summaries: Sequence[dict[str, Any]], settings: dict[str, Any]
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
-        pub = report.PUBLISHED.get(s["dataset"])
+        pub_rmse, pub_ll = published[s["dataset"]]
         name = report.PUBLISHED_NAMES.get(s["dataset"], s["dataset"])
-        pub_rmse = f"{pub['rmse'][0]:.2f} ± {pub['rmse'][1]:.2f}" if pub else "-"
-        pub_ll = f"{pub['ll'][0]:.2f} ± {pub['ll'][1]:.2f}" if pub else "-"
         lines.append(
             f"| {name} | {s['n_splits']} | {fmt(s, 'rmse')} | {pub_rmse} | {fmt(s, 'll')} | {pub_ll} | "
-            f"{fmt(s, 'p_input', '.1e')} | {fmt(s, 'p_hidden', '.1e')} | "
-            f"{s['tau_at_grid_edge']}/{s['n_splits']} | {s['seconds']:.0f} |"
+            f"{fmt(s, 'p_input')} | {fmt(s, 'p_hidden')} | "
+            f"{s['tau_at_grid_edge']}/{s['n_splits']} | {format_number(s['seconds'], 2)} |"
         )
     note = (
         "Full recipe (protocol epochs, batch, lr; T = 10,000)."
         if settings.get("full_recipe")
         else "SHORTENED or modified settings: " + json.dumps(settings.get("config"))
     )
-    return "\n".join([*lines, "", note, ""])
+    return "\n".join([*lines, "", note, "", *([*notes, ""] if notes else [])])
 
 
 def write_reports(

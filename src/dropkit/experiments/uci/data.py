@@ -1,7 +1,14 @@
 """UCI regression data in the layout of the MC-dropout benchmark, and its exact splits.
 
-A data set is a directory ``<root>/<name>/`` holding (nothing is shipped or downloaded; the
-user points at the directory):
+A data set is a directory under a root (nothing is shipped or downloaded; the user points at
+the root), in either of two layouts (:data:`LAYOUTS`):
+
+* ``<root>/<name>/data.txt`` and the other files beside it;
+* ``<root>/<name>/data/data.txt`` and the other files beside it: the layout of the published
+  MC-dropout experiment repository (Gal & Ghahramani, ``UCI_Datasets/<name>/data/``), whose
+  ``UCI_Datasets`` folder can be passed as the root unchanged.
+
+When both exist, ``<name>/data.txt`` is used.  The files of a data set:
 
 =====================  ========================================================================
 ``data.txt``           whitespace-separated numbers, one row per sample, in benchmark row order
@@ -34,11 +41,15 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "LAYOUTS",
     "REQUIRED_FILES",
     "SPLIT_SEED",
     "Split",
     "UCIDataset",
+    "dataset_folder",
     "list_datasets",
+    "locate_dataset",
+    "no_datasets_message",
     "load_dataset",
     "regenerate_splits",
     "select_splits",
@@ -55,6 +66,12 @@ REQUIRED_FILES = (
     "n_epochs.txt",
     "dropout_rates.txt",
     "tau_values.txt",
+)
+#: Where a data set's files are looked for, relative to the root, in this order.
+LAYOUTS = ("<name>/data.txt", "<name>/data/data.txt")
+_LAYOUT_NOTE = (
+    "dropkit uci reads a data set from <name>/data.txt or, as in the UCI_Datasets folder of the "
+    "MC-dropout benchmark repository, from <name>/data/data.txt"
 )
 #: Seed of numpy's legacy generator for the split permutations.
 SPLIT_SEED = 1
@@ -193,16 +210,88 @@ def _read_indices(path: Path, limit: int, what: str) -> list[int]:
     return out
 
 
+def _candidates(folder: Path) -> tuple[Path, Path]:
+    """The folders that may hold a data set's files, in the order of :data:`LAYOUTS`."""
+    return folder, folder / "data"
+
+
 def list_datasets(root: str | Path) -> list[str]:
-    """Names of the subdirectories of ``root`` that hold a ``data.txt`` (sorted)."""
+    """Names of the subdirectories of ``root`` that hold a data set in either layout (sorted).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    return sorted(p.name for p in root.iterdir() if (p / "data.txt").is_file())
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and any((c / "data.txt").is_file() for c in _candidates(p))
+    )
+
+
+def locate_dataset(path: str | Path) -> tuple[Path, str] | None:
+    """Where ``path`` sits when it is itself a data-set folder, not a folder of them.
+
+    Args:
+        path: a folder.
+
+    Returns:
+        ``(root, name)`` such that ``load_dataset(root, name)`` reads ``path``'s data set, or
+        ``None`` when ``path`` holds no ``data.txt`` in either layout.  ``UCI_Datasets/yacht``
+        and ``UCI_Datasets/yacht/data`` both give ``(UCI_Datasets, "yacht")``.
+    """
+    path = Path(path)
+    if path.name in ("", ".", ".."):  # a name is needed: "." -> /abs/yacht
+        path = path.resolve()
+    if (path / "data.txt").is_file():
+        full = path.resolve()
+        if full.name == "data" and full.parent.name:  # <root>/<name>/data/data.txt
+            return full.parent.parent, full.parent.name
+        return path.parent, path.name
+    if (path / "data" / "data.txt").is_file():
+        return path.parent, path.name
+    return None
+
+
+def no_datasets_message(root: str | Path) -> str:
+    """The error for a ``root`` that is not a folder of data-set folders: the layouts looked for
+    and, where it applies, the likely fix."""
+    root = Path(root)
+    message = (
+        f"{root}: no data-set folders: looked for {root}/<name>/data.txt and {root}/<name>/data/data.txt"
+    )
+    found = locate_dataset(root)
+    if found is not None:
+        message += f"; {root} is itself a data-set folder: use --data {found[0]} --datasets {found[1]}"
+    elif (root / "UCI_Datasets").is_dir():
+        message += f"; did you mean --data {root / 'UCI_Datasets'}?"
+    return message
+
+
+def dataset_folder(root: str | Path, name: str) -> Path:
+    """The folder holding the files of data set ``name``: ``<root>/<name>`` or
+    ``<root>/<name>/data`` (see :data:`LAYOUTS`), the first that holds a ``data.txt``.
+
+    Raises:
+        FileNotFoundError: ``<root>/<name>`` is not a directory, or neither layout has a
+            ``data.txt``; the message names the paths looked at.
+    """
+    base = Path(root) / name
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: no such data-set directory ({_LAYOUT_NOTE})")
+    for folder in _candidates(base):
+        if (folder / "data.txt").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"{base / 'data.txt'}: missing, and so is {base / 'data' / 'data.txt'} ({_LAYOUT_NOTE})"
+    )
 
 
 def load_dataset(root: str | Path, name: str) -> UCIDataset:
-    """Read ``<root>/<name>/`` (see the module docstring) and build its splits.
+    """Read ``<root>/<name>/`` or ``<root>/<name>/data/`` (see the module docstring) and build
+    its splits.
 
     Args:
         root: the directory holding one subdirectory per data set.
@@ -212,13 +301,12 @@ def load_dataset(root: str | Path, name: str) -> UCIDataset:
         The :class:`UCIDataset`.
 
     Raises:
-        FileNotFoundError: the directory or a required file is missing.
+        FileNotFoundError: the directory or a required file is missing (the message says which
+            layouts were looked for when there is no ``data.txt``).
         ValueError: malformed content; the message names the file and, where it applies, the
             line (non-numeric values, rows of different lengths, bad indices, bad grids).
     """
-    path = Path(root) / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such data-set directory")
+    path = dataset_folder(root, name)
     data_path = path / "data.txt"
     rows = _read_numbers(data_path)
     width = len(rows[0])

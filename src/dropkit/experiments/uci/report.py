@@ -5,13 +5,15 @@ Layout of an output directory::
     OUT/<dataset>/split_<i>.json   one file per finished split, written atomically, sealed
     OUT/results.csv                one row per finished split
     OUT/summary.json, summary.csv  mean ± standard error per data set
-    OUT/summary.md                 dropkit's numbers beside the published ones
+    OUT/summary.md                 dropkit's numbers beside the published ones (with sources)
 
 A split file carries its identity (data set, split, dropkit version, settings) and a SHA-256
 checksum of its content (:func:`write_split_result`); a resumed run uses a file only when all of
 them match, and recomputes it otherwise (:func:`load_split_results`).
 
-The standard error is ``std(ddof=0) / sqrt(n_splits)``, as the benchmark reports it.
+The standard error is ``std(ddof=0) / sqrt(n_splits)``, as the benchmark reports it.  The
+Markdown summary shows numbers to significant figures; the CSV and JSON files keep full
+precision.
 """
 
 from __future__ import annotations
@@ -25,16 +27,22 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from dropkit._version import __version__
+from dropkit.experiments._console import format_mean_se, format_number
 from dropkit.experiments._files import read_sealed_json, seal, write_atomic
 
 __all__ = [
     "PUBLISHED",
     "PUBLISHED_NAMES",
     "RESULT_FIELDS",
+    "SOURCES",
     "SPLIT_FORMAT",
+    "Cell",
+    "Published",
     "SplitScan",
     "load_split_results",
+    "markdown_table",
     "mean_se",
+    "published_columns",
     "read_split_result",
     "split_path",
     "summarize",
@@ -43,22 +51,76 @@ __all__ = [
     "write_split_result",
 ]
 
-#: Published grid-search results (Gal & Ghahramani; mean, SE): RMSE and test LL.
-PUBLISHED: dict[str, dict[str, tuple[float, float]]] = {
-    "bostonHousing": {"rmse": (2.90, 0.18), "ll": (-2.40, 0.04)},
-    "concrete": {"rmse": (4.82, 0.16), "ll": (-2.93, 0.02)},
-    "energy": {"rmse": (0.54, 0.06), "ll": (-1.21, 0.01)},
-    "wine-quality-red": {"rmse": (0.62, 0.01), "ll": (-0.93, 0.01)},
-    "yacht": {"rmse": (0.67, 0.05), "ll": (-1.25, 0.01)},
+
+class Cell(NamedTuple):
+    """One published number: its text as published (or rounded to significant figures) and the
+    key of its source in :data:`SOURCES`."""
+
+    text: str
+    source: str
+
+
+class Published(NamedTuple):
+    """A data set's published MC-dropout numbers.
+
+    Attributes:
+        name: the display name (``"Boston"``).
+        rmse: MC RMSE, ``"mean ± SE"``.
+        ll: test log-likelihood, ``"mean ± SE"``.
+    """
+
+    name: str
+    rmse: Cell
+    ll: Cell
+
+
+#: Where the published numbers come from (Markdown; one footnote per source used in a table).
+SOURCES: dict[str, str] = {
+    "grid": (
+        "Gal & Ghahramani, MC dropout, grid-search protocol (20 splits, protein 5; mean ± SE): "
+        "the 'Grid Search (new)' columns of the results table in the readme of "
+        "github.com/yaringal/DropoutUncertaintyExps (commit 6eb4497, 2018), the reference "
+        "implementation this benchmark follows."
+    ),
+    "grid-log": (
+        "The same grid-search run, from the authors' results logs "
+        "`UCI_Datasets/<name>/results/log_100_xepochs_1_hidden_layers.txt` (same repository and "
+        "commit; lines 'MC errors' and 'lls', mean ± std error; rounded here to significant "
+        "figures), used where the readme's table rounds the standard error to 0.00."
+    ),
+    "paper": (
+        "Gal & Ghahramani, 'Dropout as a Bayesian Approximation', ICML 2016, Table 1 (as quoted "
+        "in the readme of github.com/yaringal/DropoutUncertaintyExps, commit 04604eb): the "
+        "original protocol (hyper-parameters by Bayesian optimisation, 40 epochs) on the single "
+        "split of Year Prediction MSD, so no standard error. The grid-search table has no Year row."
+    ),
+}
+
+
+def _grid(rmse: str, ll: str) -> tuple[Cell, Cell]:
+    return Cell(rmse, "grid"), Cell(ll, "grid")
+
+
+#: Published numbers of every data set of the benchmark's table, keyed by the benchmark's folder
+#: name (as in its ``UCI_Datasets``).
+PUBLISHED: dict[str, Published] = {
+    "bostonHousing": Published("Boston", *_grid("2.90 ± 0.18", "-2.40 ± 0.04")),
+    "concrete": Published("Concrete", *_grid("4.82 ± 0.16", "-2.93 ± 0.02")),
+    "energy": Published("Energy", *_grid("0.54 ± 0.06", "-1.21 ± 0.01")),
+    "kin8nm": Published("Kin8nm", Cell("0.0789 ± 0.0006", "grid-log"), Cell("1.14 ± 0.01", "grid")),
+    "naval-propulsion-plant": Published(
+        "Naval", Cell("0.000743 ± 0.000046", "grid-log"), Cell("4.450 ± 0.002", "grid-log")
+    ),
+    "power-plant": Published("Power", *_grid("4.01 ± 0.04", "-2.80 ± 0.01")),
+    "protein-tertiary-structure": Published(
+        "Protein", Cell("4.27 ± 0.02", "grid"), Cell("-2.871 ± 0.001", "grid-log")
+    ),
+    "wine-quality-red": Published("Wine", *_grid("0.62 ± 0.01", "-0.93 ± 0.01")),
+    "yacht": Published("Yacht", *_grid("0.67 ± 0.05", "-1.25 ± 0.01")),
+    "YearPredictionMSD": Published("Year", Cell("8.849", "paper"), Cell("-3.588", "paper")),
 }
 #: Display names of the data sets.
-PUBLISHED_NAMES = {
-    "bostonHousing": "Boston",
-    "concrete": "Concrete",
-    "energy": "Energy",
-    "wine-quality-red": "Wine",
-    "yacht": "Yacht",
-}
+PUBLISHED_NAMES = {key: entry.name for key, entry in PUBLISHED.items()}
 _CSV_FIELDS = (
     "dataset",
     "split",
@@ -287,35 +349,77 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _fmt(mean: float | None, se: float | None, digits: int = 2) -> str:
-    if mean is None or se is None:
+def _fmt(summary: Mapping[str, Any], key: str) -> str:
+    """``summary[key] ± summary[key_se]`` to significant figures; ``-`` when absent."""
+    if summary.get(key) is None or summary.get(f"{key}_se") is None:
         return "-"
-    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+    return format_mean_se(summary[key], summary[f"{key}_se"])
+
+
+def published_columns(datasets: Iterable[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """The published RMSE and test LL of ``datasets`` with footnote marks, and the footnotes.
+
+    Args:
+        datasets: data-set folder names, in table order.
+
+    Returns:
+        ``(cells, notes)``: ``cells[name] = (rmse, ll)``, each number followed by the mark of its
+        source such as ``[1]`` (``("-", "-")`` for a data set without published numbers), and
+        one Markdown footnote line per source used, numbered in order of first use.
+
+    Example:
+        >>> cells, notes = published_columns(["yacht", "naval-propulsion-plant", "mine"])
+        >>> for name, cell in cells.items():
+        ...     print(name, cell)
+        yacht ('0.67 ± 0.05 [1]', '-1.25 ± 0.01 [1]')
+        naval-propulsion-plant ('0.000743 ± 0.000046 [2]', '4.450 ± 0.002 [2]')
+        mine ('-', '-')
+        >>> [note[:30] for note in notes]
+        ['[1] Gal & Ghahramani, MC dropo', '[2] The same grid-search run, ']
+    """
+    marks: dict[str, int] = {}
+    cells: dict[str, tuple[str, str]] = {}
+    for name in datasets:
+        pub = PUBLISHED.get(name)
+        if pub is None:
+            cells[name] = ("-", "-")
+            continue
+        texts = []
+        for cell in (pub.rmse, pub.ll):
+            mark = marks.setdefault(cell.source, len(marks) + 1)
+            texts.append(f"{cell.text} [{mark}]")
+        cells[name] = (texts[0], texts[1])
+    notes = [f"[{mark}] {SOURCES[source]}" for source, mark in marks.items()]
+    return cells, notes
 
 
 def markdown_table(summaries: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
-    """dropkit's mean ± SE beside the published grid-search numbers."""
+    """dropkit's mean ± SE beside the published numbers (each with its source, as a footnote).
+
+    Every number is formatted to significant figures
+    (:func:`~dropkit.experiments._console.format_mean_se`), so that small values such as
+    Naval's RMSE keep their digits.
+    """
+    published, notes = published_columns(s["dataset"] for s in summaries)
     lines = [
         "| data set | splits | RMSE (dropkit) | RMSE (published) | test LL (dropkit) | test LL (published) "
         "| LL, learned τ | τ at grid edge | time (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
-        pub = PUBLISHED.get(s["dataset"])
+        pub_rmse, pub_ll = published[s["dataset"]]
         name = PUBLISHED_NAMES.get(s["dataset"], s["dataset"])
         lines.append(
-            f"| {name} | {s['n_splits']} | {_fmt(s.get('rmse'), s.get('rmse_se'))} | "
-            f"{_fmt(*pub['rmse']) if pub else '-'} | {_fmt(s.get('ll'), s.get('ll_se'))} | "
-            f"{_fmt(*pub['ll']) if pub else '-'} | "
-            f"{_fmt(s.get('ll_tau_learned'), s.get('ll_tau_learned_se'))} | "
-            f"{s['tau_at_grid_edge']}/{s['n_splits']} | {s['seconds']:.0f} |"
+            f"| {name} | {s['n_splits']} | {_fmt(s, 'rmse')} | {pub_rmse} | {_fmt(s, 'll')} | {pub_ll} | "
+            f"{_fmt(s, 'll_tau_learned')} | {s['tau_at_grid_edge']}/{s['n_splits']} | "
+            f"{format_number(s['seconds'], 2)} |"
         )
     note = (
         "Published protocol settings."
         if settings.get("protocol")
         else "NOT the published protocol (shortened or modified settings): " + json.dumps(settings["config"])
     )
-    return "\n".join([*lines, "", note, ""])
+    return "\n".join([*lines, "", note, "", *([*notes, ""] if notes else [])])
 
 
 def write_reports(
