@@ -26,6 +26,7 @@ LAYERS = {
     "metrics": 6,
     "interop": 7,
     "experiments": 7,
+    "diagnostics": 7,
     "__main__": 8,
     "__init__": 8,
 }

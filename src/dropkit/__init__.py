@@ -9,6 +9,7 @@ choice between them), :mod:`dropkit.ops` (the custom ops and their autograd),
 :mod:`dropkit.experiments` (demos and reproductions).
 """
 
+from dropkit import diagnostics as diagnostics
 from dropkit import functional as functional
 from dropkit import mc as mc
 from dropkit import metrics as metrics
@@ -44,6 +45,7 @@ __all__ = [
     "checkpoint_context",
     "clone_masks",
     "convert",
+    "diagnostics",
     "element_key",
     "export",
     "functional",
