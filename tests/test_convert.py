@@ -23,6 +23,7 @@ import dropkit
 from dropkit.interop.convert import ConversionReport, FunctionalCall, Replacement, Skipped
 from dropkit.nn._base import _RandomLayer
 from tests.conftest import binomial_tolerance
+from tests.layer_specs import realised
 
 TORCH_TO_DROPKIT = {
     nn.Dropout: dropkit.nn.Dropout,
@@ -363,7 +364,7 @@ def test_converted_layers_drop_at_the_original_rate() -> None:
     maps = model[1](torch.ones(200, 100, 2, 2))
     channel_zeros = float((maps[:, :, 0, 0] == 0).float().mean())
     assert abs(channel_zeros - 0.6) < binomial_tolerance(0.6, 200 * 100)
-    assert bool(((maps == 0) | (maps == 1 / (1 - 0.6))).all())
+    assert bool(((maps == 0) | (maps == 1 / (1 - realised(0.6)))).all())  # the realised keep rate
 
 
 def test_bad_arguments_are_named() -> None:
@@ -827,7 +828,8 @@ def test_convnext_drop_path_keeps_its_distribution(convnext: nn.Module) -> None:
         y = layer(x).flatten(1)
         dropped = (y == 0).all(1)
         assert abs(float(dropped.float().mean()) - p) < binomial_tolerance(p, x.shape[0])
-        assert torch.allclose(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - p)))
+        # HF scales by 1/(1-p), dropkit by the realised keep rate: within 2**-16 of it.
+        assert torch.allclose(y[~dropped], torch.full_like(y[~dropped], 1 / (1 - p)), rtol=1e-4)
 
 
 LEGACY_HF_FILE = '''
@@ -953,7 +955,8 @@ def test_timm_vit_with_drop_rates() -> None:
     with torch.no_grad():
         assert torch.equal(model(x), before)
     with dropkit.mc_dropout(model) as handle:
-        assert {item.name for item in report.replaced} <= set(handle.modules)
+        # Sites of rate 0 (timm's pos_drop) do not act in MC mode.
+        assert {item.name for item in report.replaced if item.rate > 0} <= set(handle.modules)
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])

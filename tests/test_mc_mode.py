@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ from dropkit.mc.mode import (
     enable_mc_dropout,
     mc_dropout,
 )
+from dropkit.mc.patching import FRAME_ATTRIBUTE
 
 FUNCTIONAL_NAMES = (
     "dropout",
@@ -150,8 +149,8 @@ def test_functional_dropout_in_third_party_module_is_caught() -> None:
     with mc_dropout(model) as handle:
         assert _differs(model, x)
         assert not model[0].training
-    assert handle.modules == []  # nothing module-based...
-    assert handle.intercepted_calls == 2  # ...but both calls were turned on
+    assert handle.modules == ["0"]  # the module whose forward made the calls...
+    assert handle.intercepted_calls == 2  # ...both of them turned on
 
 
 @pytest.mark.parametrize("attention", [TimmStyleAttention, HFStyleAttention])
@@ -168,9 +167,10 @@ def test_sdpa_attention_dropout_is_caught(attention: type[nn.Module]) -> None:
 def test_sdpa_with_rate_zero_found_matches_fused_attention() -> None:
     model = nn.Sequential(TimmStyleAttention(attn_drop=0.0), nn.Dropout(0.5)).eval()
     x = torch.randn(3, 5, 8)
-    with mc_dropout(model, exclude="1"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", NoDropoutFoundWarning)
-        torch.testing.assert_close(model(x), model.eval()(x))
+    with pytest.warns(NoDropoutFoundWarning), mc_dropout(model, exclude="1") as handle:
+        torch.testing.assert_close(model(x), model.eval()(x), rtol=0, atol=0)
+    assert handle.intercepted_calls == 0
+    assert handle.ops == 0
 
 
 def test_sdpa_attention_p_forms_and_missing_rate_warning() -> None:
@@ -275,10 +275,11 @@ def test_selection_by_name_and_type() -> None:
         out = model[1][0](x)
         assert _differs(model[1][0], x)  # the functional dropout of the third-party block
         assert torch.equal(model[1][1](out), out)
-    assert handle.modules == []
+    assert handle.modules == ["1.0"]  # the third-party block, whose functional dropout acted
     with mc_dropout(model, include=nn.Dropout) as handle:  # dropkit's Dropout is an nn.Dropout too
+        assert handle.modules == ["0.1", "1.1"]  # before any forward: the sites that would act
         assert _differs(model[1], x)
-    assert handle.modules == ["0.1", "1.1"]
+    assert handle.modules == ["1.1"]  # after: those that acted
     with mc_dropout(model, include=lambda name, module: name.startswith("1")) as handle:
         assert not _differs(model[0], x)
     assert handle.modules == ["1.1"]
@@ -329,6 +330,7 @@ def test_restore_after_exception_is_exact() -> None:
         assert not module._forward_hooks
         assert not module._forward_pre_hooks
         assert "forward" not in module.__dict__
+        assert FRAME_ATTRIBUTE not in module.__dict__
     model.eval()
     assert not _differs(model, x)
 
@@ -393,3 +395,23 @@ def test_reproducible_with_manual_seed() -> None:
         with mc_dropout(model):
             outputs.append(model(x))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_frames_left_by_an_exception_are_dropped_at_the_next_forward() -> None:
+    class Failing(nn.Module):
+        fail = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fail:
+                raise ValueError("inside")
+            return x
+
+    failing = Failing()
+    model = nn.Sequential(nn.Dropout(0.5), nn.Sequential(failing)).eval()
+    x = torch.ones(4, 64)
+    with mc_dropout(model):
+        with pytest.raises(ValueError, match="inside"):
+            model(x)
+        failing.fail = False
+        model(x)  # the next forward of the model drops the frames that the failed one left
+        assert torch.equal(F.dropout(x, 0.5, training=False), x)  # outside any module: not intercepted

@@ -39,9 +39,8 @@ from dataclasses import dataclass
 from torch import nn
 
 import dropkit.nn as dk_nn
-from dropkit.interop.convert import _class_name, _foreign_class, _is_hf_drop_path
-from dropkit.mc.selection import TORCH_DROPOUT_MODULES
 from dropkit.nn._base import _RandomLayer
+from dropkit.nn.foreign import TORCH_DROPOUT_MODULES, class_name, foreign_class, is_hf_drop_path
 
 __all__ = ["UNIT_VARIANTS", "DropoutSite", "find_module_sites", "module_site"]
 
@@ -173,7 +172,7 @@ def module_site(module: nn.Module) -> tuple[str, str, float | None] | None:
         >>> module_site(torch.nn.Linear(2, 2)) is None
         True
     """
-    name = _class_name(type(module))
+    name = class_name(type(module))
     found = _dropkit_site(module)
     if found is not None:
         return name, found[0], found[1]
@@ -191,12 +190,12 @@ def module_site(module: nn.Module) -> tuple[str, str, float | None] | None:
         ("timm.layers.drop", "DropBlock2d", "block"),
         ("torchvision.ops.stochastic_depth", "StochasticDepth", "path"),
     ):
-        if _foreign_class(module, path, cls_name):
+        if foreign_class(module, path, cls_name):
             rate = _float_rate(getattr(module, "drop_prob", getattr(module, "p", None)))
             if cls_name == "DropBlock2d" and rate is not None:
                 rate = _float_rate(rate * float(getattr(module, "gamma_scale", 1.0)))
             return name, variant, rate
-    if _is_hf_drop_path(module):
+    if is_hf_drop_path(module):
         return name, "path", _float_rate(getattr(module, "drop_prob", None))
     if "drop" in type(module).__name__.lower() and not module._modules:
         for attribute in _UNKNOWN_RATE_ATTRIBUTES:

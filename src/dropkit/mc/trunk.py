@@ -9,21 +9,27 @@ Automatic split (:func:`split_trunk`): the model's own ``forward`` is traced wit
 so third-party modules with any control flow are fine as long as the top-level forward (and
 nested ``Sequential`` s) trace.  The traced nodes are then run in order, in MC mode, on the
 batch; the first node during which a stochastic op runs (a dropout layer, an intercepted
-functional call, attention dropout) ends the trunk.  The cut is moved earlier while a value
+functional call, attention dropout, with a positive rate: a site with rate 0 is deterministic,
+see :mod:`dropkit.mc.mode`) ends the trunk.  The cut is moved earlier while a value
 crossing it is a tensor without the batch on dim 0 (a batch statistic, say); a non-tensor
 value computed from the batch (``b = x.size(0)`` used by a ``view(b, -1)`` in the head) is
 recomputed in the head from the repeated batch, as the uncached forward would compute it.
 Values that do not depend on the input (parameters, constants) are passed on as they are.
+Parameters of ``forward`` after the given inputs are traced as their defaults (timm's
+``forward(x, attn_mask=None)``), so that the trace takes the branch the call takes.
 
 No split is made (the whole model runs ``T`` times, with the same results) when the forward
 cannot be traced, when its traced graph depends on the root's ``training`` flag, or when the
-trunk would be empty.
+trunk would be empty.  Whether a split engaged, and where, is public:
+:attr:`TrunkSplit.trunk_modules` and :attr:`TrunkSplit.head_modules` name the submodules on
+each side (and :func:`dropkit.mc.sampling.last_plan` reports what ``mc_predict`` chose).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,12 +58,18 @@ class TrunkSplit:
         values: the trunk values the head takes, in order (tensors batch-first or constants).
         expand: for each value, whether it is batch-dependent (repeated for every sample).
         trunk_nodes: how many traced nodes the trunk holds.
+        trunk_modules: qualified names of the submodules the trunk called (once, on the batch),
+            in order; the trace keeps every submodule but ``nn.Sequential`` whole, so these are
+            the outermost ones (``"blocks.0"``, ... for a ``Sequential`` of blocks).
+        head_modules: qualified names of the submodules the head calls in every forward, in order.
     """
 
     head: torch.fx.GraphModule
     values: list[Any]
     expand: list[bool]
     trunk_nodes: int
+    trunk_modules: list[str] = field(default_factory=list)
+    head_modules: list[str] = field(default_factory=list)
 
     def run_head(self, handle: MCDropoutHandle, samples: int) -> Any:
         """Run the head on the trunk values, each batch-dependent one repeated ``samples`` times."""
@@ -69,24 +81,43 @@ class TrunkSplit:
             return self.head(*args)
 
 
-def _trace(model: nn.Module, training: bool) -> torch.fx.Graph:
+def _trace(model: nn.Module, training: bool, concrete: dict[str, Any] | None = None) -> torch.fx.Graph:
     previous = model.training
     model.training = training
     try:
-        return _Tracer().trace(model)
+        return _Tracer().trace(model, concrete_args=concrete or None)
     finally:
         model.training = previous
+
+
+def _defaults_of_the_rest(model: nn.Module, given: int) -> dict[str, Any] | None:
+    """The parameters of ``model.forward`` after the ``given`` positional inputs, with their
+    defaults, to trace them as constants (``attn_mask=None`` stays ``None``, so the trace takes the
+    branch the call takes); ``None`` when one of them has no default (it cannot be traced)."""
+    try:
+        parameters = list(inspect.signature(type(model).forward).parameters.values())[1:]  # no self
+    except (TypeError, ValueError):
+        return {}
+    defaults: dict[str, Any] = {}
+    for parameter in parameters[given:]:
+        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if parameter.default is inspect.Parameter.empty:
+            return None
+        defaults[parameter.name] = parameter.default
+    return defaults
 
 
 def _signature(graph: torch.fx.Graph) -> list[tuple[str, str]]:
     return [(node.op, str(node.target)) for node in graph.nodes]
 
 
-def _traced_graph(model: nn.Module) -> torch.fx.Graph | None:
-    """The model's forward as a graph with stand-ins for dropout functionals, or ``None``."""
+def _traced_graph(model: nn.Module, concrete: dict[str, Any] | None = None) -> torch.fx.Graph | None:
+    """The model's forward as a graph with stand-ins for dropout functionals, or ``None``;
+    ``concrete`` parameters are traced as those constants."""
     try:
-        graph = _trace(model, False)
-        if _signature(graph) != _signature(_trace(model, True)):
+        graph = _trace(model, False, concrete)
+        if _signature(graph) != _signature(_trace(model, True, concrete)):
             return None  # the forward takes another path in training: a split could differ
     except Exception:  # any tracing failure means "no automatic trunk"
         return None
@@ -106,12 +137,15 @@ def split_trunk(model: nn.Module, handle: MCDropoutHandle, inputs: tuple[Any, ..
     Args:
         model: the model in MC mode.
         handle: its :class:`~dropkit.mc.mode.MCDropoutHandle`.
-        inputs: the forward's positional inputs (the batch on dim 0 of every tensor).
+        inputs: the forward's positional inputs (the batch on dim 0 of every tensor); the
+            parameters of ``forward`` after them are traced at their defaults (no split when
+            one of them has none).
 
     Returns:
         The split with the trunk values computed, or ``None`` when no useful split exists.
     """
-    graph = _traced_graph(model)
+    defaults = _defaults_of_the_rest(model, len(inputs))
+    graph = None if defaults is None else _traced_graph(model, defaults)
     if graph is None:
         return None
     nodes = list(graph.nodes)
@@ -160,7 +194,10 @@ def split_trunk(model: nn.Module, handle: MCDropoutHandle, inputs: tuple[Any, ..
                     return None
                 recompute.add(node)
 
-    placeholders = sum(node.op == "placeholder" for node in nodes)
+    # The trunk holds every placeholder (and the checks of the parameters traced as constants).
+    placeholders = (
+        max((index for index, node in enumerate(nodes) if node.op == "placeholder"), default=-1) + 1
+    )
     cut, found = stop, None
     while cut > placeholders:
         found = plan(cut)
@@ -179,7 +216,14 @@ def split_trunk(model: nn.Module, handle: MCDropoutHandle, inputs: tuple[Any, ..
     for node in [*recomputed, *nodes[cut:]]:
         mapping[node] = head_graph.node_copy(node, lambda n: mapping[n])
     head = torch.fx.GraphModule(model, head_graph)
-    return TrunkSplit(head, [env[node] for node in live], [node in dependent for node in live], cut)
+    in_head = [str(node.target) for node in [*recomputed, *nodes[cut:]] if node.op == "call_module"]
+    in_trunk = [
+        str(node.target)
+        for node in nodes[:cut]
+        if node.op == "call_module" and node not in recomputed and str(node.target) not in in_head
+    ]
+    values = [env[node] for node in live]
+    return TrunkSplit(head, values, [node in dependent for node in live], cut, in_trunk, in_head)
 
 
 def user_trunk(trunk: Callable[..., Any], handle: MCDropoutHandle, inputs: tuple[Any, ...]) -> Any:
