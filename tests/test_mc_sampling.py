@@ -86,7 +86,7 @@ def test_chunks_follow_the_memory_budget() -> None:
     shapes = [chunk.shape[0] for chunk in iter_mc_samples(model, x, 10, memory_budget=1, seed=0)]
     assert shapes == [1] * 10
     shapes = [chunk.shape[0] for chunk in iter_mc_samples(model, x, 10, memory_budget=2**30, seed=0)]
-    assert shapes == [1, 9]  # the first sample measures the memory a sample needs
+    assert shapes == [10]  # a measuring forward (discarded) sizes the chunks; then one chunk of all
 
 
 def test_warns_when_the_model_has_no_dropout() -> None:
@@ -344,9 +344,11 @@ def test_large_t_streams_without_holding_samples() -> None:
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"trunk": "yes"}, ValueError, "trunk must be"),
         ({"trunk": nn.Identity()}, ValueError, "trunk= and head= must be given together"),
-        ({"x": [1.0]}, TypeError, "must be a tensor"),
-        ({"x": (torch.randn(2, 4), torch.randn(3, 4))}, ValueError, "same batch size"),
+        ({"x": [1.0]}, TypeError, "must contain at least one tensor"),
+        ({"x": {"a": torch.randn(2, 4), "b": torch.randn(3, 4)}}, ValueError, r"same batch size.*\['b'\]"),
         ({"x": torch.tensor(1.0)}, ValueError, "batch dim"),
+        ({"output": 1.5}, TypeError, "output must be None, a key"),
+        ({"model_kwargs": [1]}, TypeError, "model_kwargs must be a mapping"),
     ],
 )
 def test_bad_inputs_rejected(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
@@ -363,14 +365,58 @@ def test_model_must_be_a_module() -> None:
         mc_predict(lambda x: x, torch.randn(2, 2), 3)  # type: ignore[arg-type]
 
 
-def test_model_output_must_be_batched_tensor() -> None:
-    class TupleOut(nn.Module):
+def test_t_is_required() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    with pytest.raises(TypeError, match=r"mc_predict\(\) needs T"):
+        mc_predict(model, torch.randn(2, 4))
+    with pytest.raises(TypeError, match=r"iter_mc_samples\(\) needs T"):
+        iter_mc_samples(model, torch.randn(2, 4))
+
+
+def test_model_output_must_hold_batched_tensors() -> None:
+    class Out(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+            self.kind = kind
+
+        def forward(self, x: torch.Tensor) -> object:
+            y = self.drop(x)
+            if self.kind == "tuple":
+                return (y,)
+            if self.kind == "scalar":
+                return {"y": y, "loss": y.sum()}
+            return "no tensor"
+
+    x = torch.randn(2, 2)
+    (samples,) = mc_predict(Out("tuple"), x, T=3, seed=0, trunk=None)  # tuples are fine now
+    assert samples.shape == (3, 2, 2)
+    with pytest.raises(
+        ValueError, match=r"batch \(2 x 1 samples\) on dim 0, got shape \(\) for output\['loss'\]"
+    ):
+        mc_predict(Out("scalar"), x, T=3, trunk=None, chunk_size=1)
+    assert mc_predict(Out("scalar"), x, T=3, trunk=None, output="y").shape == (3, 2, 2)
+    with pytest.raises(TypeError, match="must return a tensor, or a tuple, list, dict or ModelOutput"):
+        mc_predict(Out("none"), x, T=3, trunk=None)
+
+
+def test_old_call_forms_still_work() -> None:
+    class TwoInputs(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.drop = nn.Dropout(0.5)
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-            return (self.drop(x),)
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.drop(a + b)
 
-    with pytest.raises(TypeError, match="must return a tensor"):
-        mc_predict(TupleOut(), torch.randn(2, 2), 3, trunk=None)
+    model = TwoInputs().eval()
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    new = mc_predict(model, a, b, T=5, seed=2)
+    assert torch.equal(mc_predict(model, a, b, 5, seed=2), new)  # T last positional: not deprecated
+    with pytest.warns(DeprecationWarning, match=r"mc_predict\(model, a, b, \.\.\., T=T\)"):
+        old = mc_predict(model, (a, b), 5, seed=2)
+    assert torch.equal(old, new)
+    sequential = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()
+    with pytest.warns(DeprecationWarning, match="the argument 'x' is deprecated"):
+        by_keyword = mc_predict(sequential, x=a, T=4, seed=1)
+    assert torch.equal(by_keyword, mc_predict(sequential, a, T=4, seed=1))

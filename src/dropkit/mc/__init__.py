@@ -8,8 +8,10 @@ from dropkit.mc.mode import NoDropoutFoundWarning as NoDropoutFoundWarning
 from dropkit.mc.mode import active_handle as active_handle
 from dropkit.mc.mode import enable_mc_dropout as enable_mc_dropout
 from dropkit.mc.mode import mc_dropout as mc_dropout
+from dropkit.mc.plan import MCPlan as MCPlan
 from dropkit.mc.sampling import DEFAULT_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
 from dropkit.mc.sampling import iter_mc_samples as iter_mc_samples
+from dropkit.mc.sampling import last_plan as last_plan
 from dropkit.mc.sampling import mc_predict as mc_predict
 from dropkit.mc.streaming import MCSummary as MCSummary
 from dropkit.mc.streaming import RunningMoments as RunningMoments
@@ -21,6 +23,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "MCDropoutHandle",
     "MCDropoutWarning",
+    "MCPlan",
     "MCSummary",
     "NoDropoutFoundWarning",
     "RunningMoments",
@@ -28,6 +31,7 @@ __all__ = [
     "active_handle",
     "enable_mc_dropout",
     "iter_mc_samples",
+    "last_plan",
     "mc_dropout",
     "mc_predict",
     "split_trunk",
