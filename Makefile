@@ -26,6 +26,9 @@ $(VENV)/.test-installed: pyproject.toml $(VENV)/.torch-installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python -m dropkit demo
+	$(BIN)/python -m dropkit doctor dropkit.experiments.digits:build_mlp --factory-arg hidden=1024 \
+		--factory-arg input_dropout=0.2 --factory-arg hidden_dropout=0.5 --input-shape 8,64 \
+		--n-train 100 --fail-on never
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests benchmarks

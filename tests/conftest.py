@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 import dropkit
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # only tests/test_properties.py needs it
+    pass
+else:
+    # Hypothesis profiles (tests/test_properties.py): "ci", the default, is derandomized (the
+    # same examples on every run, no example database) with few examples, so that the property
+    # suite runs in about a minute on two cores; HYPOTHESIS_PROFILE=thorough draws many more,
+    # randomly, for long local runs.  No deadline: a first call may compile a kernel.
+    _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    settings.register_profile(
+        "ci", derandomize=True, database=None, deadline=None, max_examples=20, suppress_health_check=_HEALTH
+    )
+    settings.register_profile("thorough", deadline=None, max_examples=1000, suppress_health_check=_HEALTH)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Margin for every statistical check: far beyond any fluctuation a fixed seed could produce,
 # so a change of the random stream never makes a correct implementation fail.

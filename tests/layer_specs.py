@@ -99,10 +99,18 @@ class Observation:
     ambiguous: torch.Tensor | None = None
 
 
+def realised(p: float) -> float:
+    """The drop probability the engine draws for ``p``: a 16-bit draw below ``round(p 2**16)``
+    drops, so it is that threshold over ``2**16`` (the scales keep the expectation exact at it)."""
+    return round(p * 2**16) / 2**16
+
+
 #: (keep_scale, keep_shift, drop_value, grad_scale) of each mask formula at drop rate p.
 def formula_constants(formula: str, p: float) -> tuple[float, float, float, float]:
+    p = realised(p)
     if formula == "inverted":
-        return 1.0 / (1.0 - p), 0.0, 0.0, 1.0 / (1.0 - p)
+        scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+        return scale, 0.0, 0.0, scale
     if formula == "unscaled":
         return 1.0, 0.0, 0.0, 1.0
     if formula == "alpha":
@@ -133,6 +141,7 @@ def bernoulli(
     def leaf_grad(g: torch.Tensor) -> torch.Tensor:
         return to_leaf(torch.where(keep, rounded(g, grad_scale), zero))
 
+    p = realised(p)
     q = 1.0 - p
     mean = sd = grad_mean = grad_sd = None
     if formula == "inverted":
@@ -376,7 +385,7 @@ def unary_spec(
 
 
 def unscaled_eval(module: nn.Module, args: Args) -> torch.Tensor:
-    return rounded(args[0], 1.0 - module.p)
+    return rounded(args[0], 1.0 - realised(module.p))
 
 
 DROPOUT_SPECS = [
@@ -1147,7 +1156,7 @@ ZONEOUT_SPECS = [
         "bernoulli",
         make=lambda p: dropkit.nn.ZoneoutCell(nn.GRUCell(*CELL_SIZES), p),
         inputs=cell_inputs(lstm=False),
-        functional=Functional(F.zoneout, zoneout_functional, rate_name="rates[0]"),
+        functional=Functional(F.zoneout, zoneout_functional),
         probe=zoneout_probe(lstm=False),
         expectation=True,
         eval_output=zoneout_eval,

@@ -21,6 +21,7 @@ from dropkit.functional.dropconnect import (
 )
 from dropkit.nn.dropconnect import DropConnect
 from tests.conftest import SIGMAS
+from tests.layer_specs import realised
 
 
 def with_weight(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
@@ -127,7 +128,7 @@ def test_per_example_linear_with_extra_dims_matches_a_reference() -> None:
     out = DropConnect(layer, 0.4, per_example=True, chunk_size=3)(x, seed=key)
     keep = example_keep_masks(key, 0.4, layer.weight.shape, 0, 4)
     for i in range(4):
-        reference = with_weight(layer, torch.where(keep[i], layer.weight / 0.6, 0.0))
+        reference = with_weight(layer, torch.where(keep[i], layer.weight / (1 - realised(0.4)), 0.0))
         torch.testing.assert_close(out[i], reference(x[i]))
 
 
@@ -160,7 +161,7 @@ def test_conv_settings_are_preserved(make: Callable[[], nn.Module], shape: tuple
         batched = x if x.dim() == conv.weight.dim() else x.unsqueeze(0)  # type: ignore[union-attr]
         keep = example_keep_masks(key, p, conv.weight.shape, 0, batched.shape[0])  # type: ignore[union-attr]
         rows = [
-            with_weight(conv, torch.where(keep[i], conv.weight / (1 - p), 0.0))(batched[i : i + 1])  # type: ignore[operator]
+            with_weight(conv, torch.where(keep[i], conv.weight / (1 - realised(p)), 0.0))(batched[i : i + 1])  # type: ignore[operator]
             for i in range(batched.shape[0])
         ]
         torch.testing.assert_close(per_example, torch.cat(rows).reshape(per_example.shape))

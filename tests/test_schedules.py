@@ -22,6 +22,7 @@ from torch import nn
 import dropkit
 from dropkit import schedules as S
 from dropkit.schedules.lightning import rate_schedule_callback_class
+from tests.layer_specs import realised
 
 # --- schedules: exact values at known steps -------------------------------------------------
 
@@ -544,7 +545,7 @@ def test_compiled_model_does_not_recompile_when_the_schedule_changes_the_rate() 
             rates.set_step(step)
             assert torch.equal(compiled(x), model(x)), f"eval at p = {schedule(step)}"
     assert counter.frame_count == frames
-    assert torch.equal(model(x), model[:6](x) * (1 - 0.3))
+    assert torch.equal(model(x), model[:6](x) * (1 - realised(0.3)))  # the realised keep probability
 
 
 # --- Lightning -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import nn
 import dropkit
 from dropkit.engine.masks import keep_mask
 from dropkit.nn.weight_drop import WeightDrop
+from tests.layer_specs import realised
 
 RNNS = [nn.LSTM, nn.GRU, nn.RNN]
 
@@ -58,7 +59,10 @@ def test_training_output_is_the_module_with_masked_weights(cls: type[nn.RNNBase]
     m = WeightDrop(rnn, p)
     x = torch.randn(7, 2, 3, dtype=torch.float64)
     masks = _reference_masks(m, seed)
-    masked = {name: torch.where(masks[name], rnn.get_parameter(name) / (1 - p), 0.0) for name in m.weights}
+    masked = {
+        name: torch.where(masks[name], rnn.get_parameter(name) * (1 / (1 - realised(p))), 0.0)
+        for name in m.weights
+    }
     expected = _with_weights(rnn, masked)(x)[0]
     torch.testing.assert_close(m(x, seed=seed)[0], expected, rtol=1e-12, atol=1e-12)
     dropped = m.dropped_weights(seed=seed)
@@ -94,7 +98,10 @@ def test_gradients_reach_the_raw_weights(cls: type[nn.RNNBase]) -> None:
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     m(x, seed=seed)[0].square().sum().backward()
     masks = _reference_masks(m, seed)
-    masked = {name: torch.where(masks[name], rnn.get_parameter(name) / (1 - p), 0.0) for name in m.weights}
+    masked = {
+        name: torch.where(masks[name], rnn.get_parameter(name) * (1 / (1 - realised(p))), 0.0)
+        for name in m.weights
+    }
     reference = _with_weights(rnn, masked)
     reference(x)[0].square().sum().backward()
     for name, param in rnn.named_parameters():

@@ -200,13 +200,15 @@ def test_bad_arguments() -> None:
         ZoneoutCell(nn.LSTM(2, 2))
     with pytest.raises(ValueError, match=r"rates\[1\] must be in \[0, 1\], got 2.0"):
         zoneout_states((torch.ones(2), torch.ones(2)), (torch.ones(2), torch.ones(2)), (0.1, 2.0))
-    with pytest.raises(
-        ValueError, match=r"prev\[0\] and new\[0\] must have the same shape, got \(2,\) and \(3,\)"
-    ):
+    with pytest.raises(ValueError, match=r"^prev and new must have the same shape, got \(2,\) and \(3,\)"):
         zoneout(torch.ones(2), torch.ones(3), 0.1)
+    with pytest.raises(
+        ValueError, match=r"prev\[1\] and new\[1\] must have the same shape, got \(2,\) and \(3,\)"
+    ):
+        zoneout_states((torch.ones(2), torch.ones(2)), (torch.ones(2), torch.ones(3)), (0.1, 0.1))
     with pytest.raises(ValueError, match="same non-zero length"):
         zoneout_states((), (), ())
-    with pytest.raises(TypeError, match=r"new\[0\] must be a floating-point"):
+    with pytest.raises(TypeError, match=r"^new must be a floating-point"):
         zoneout(torch.ones(2), torch.ones(2, dtype=torch.int64), 0.1)
     m = ZoneoutCell(nn.LSTMCell(2, 3), 0.1)
     with pytest.raises(ValueError, match=r"expects \(B, I\) or unbatched \(I\) input, got \(1, 2, 2\)"):

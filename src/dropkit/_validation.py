@@ -18,6 +18,7 @@ __all__ = [
     "check_probability_tensor",
     "check_min_rank",
     "check_rank",
+    "check_tensor",
     "env_flag",
     "normalize_dims",
 ]
@@ -75,6 +76,12 @@ def check_int(value: object, name: str, low: int, high: int | None = None) -> in
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return value
+
+
+def check_tensor(input: object, name: str = "input") -> torch.Tensor:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    return input
 
 
 def check_floating_tensor(input: object, name: str = "input") -> torch.Tensor:

@@ -6,8 +6,9 @@ here, by the same Python float arithmetic whichever form it came in, so a tensor
 float rate's bits exactly:
 
 * the drop *threshold* ``round(p * 2**16)``: a 16-bit draw below it drops the element;
-* the inverted-dropout *scale* ``1 / (1 - p)``, guarded to 0 at ``p = 1`` (nothing is kept, so
-  it is never applied: no ``inf * 0``);
+* the inverted-dropout *scale* ``1 / q`` of the realised keep probability
+  ``q = 1 - threshold / 2**16`` (so the expectation is exact at every rate), guarded to 0 when
+  nothing is kept (it is never applied: no ``inf * 0``);
 * the *affine constants* ``(keep_scale, keep_shift, drop_value)`` of each mask formula
   (:data:`AFFINE_FORMULAS`);
 * the alpha-dropout coefficients and the Gaussian-dropout standard deviation.
@@ -41,6 +42,7 @@ __all__ = [
     "inverted_scale_of",
     "rate_value",
     "realised_drop_probability",
+    "realised_keep_probability",
 ]
 
 THRESHOLD_BITS = 16
@@ -95,17 +97,25 @@ def realised_drop_probability(p: float) -> float:
     return drop_threshold(p) / THRESHOLD_SCALE
 
 
+def realised_keep_probability(p: float) -> float:
+    """The keep probability the engine realises for ``p``: ``1 -`` :func:`realised_drop_probability`."""
+    return (THRESHOLD_SCALE - drop_threshold(p)) / THRESHOLD_SCALE
+
+
 def inverted_scale(p: float) -> float:
-    """``1 / (1 - p)``, guarded: at ``p = 1`` nothing is kept and the scale is never applied."""
-    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+    """``1 / q``, ``q`` the *realised* keep probability ``(2**16 - round(p 2**16)) / 2**16``, so
+    that ``E[y] = x`` exactly at every rate (``1 / (1 - p)`` would be off by up to 50 % near
+    ``p = 1``); guarded: when nothing is kept the scale is never applied and is 0."""
+    kept = THRESHOLD_SCALE - drop_threshold(p)
+    return THRESHOLD_SCALE / kept if kept > 0 else 0.0
 
 
 def inverted_scale_of(p: float | torch.Tensor) -> float | torch.Tensor:
     """:func:`inverted_scale` of a float, or of a rate tensor as a 0-dim float64 tensor in tensor
-    ops (IEEE float64 division and subtraction: the float's value exactly)."""
+    ops (an exact integer threshold and one IEEE float64 division: the float's value exactly)."""
     if isinstance(p, torch.Tensor):
-        p = p.reshape(()).to(torch.float64)
-        return torch.where(p < 1.0, 1.0 / (1.0 - p), torch.zeros_like(p))
+        kept = (THRESHOLD_SCALE - drop_threshold_tensor(p.reshape(()))).to(torch.float64)
+        return torch.where(kept > 0, THRESHOLD_SCALE / kept.clamp(min=1.0), torch.zeros_like(kept))
     return inverted_scale(p)
 
 
@@ -124,9 +134,10 @@ def alpha_dropout_coefficients(p: float) -> tuple[float, float]:
 
 
 def _alpha(p: float) -> tuple[float, float, float]:
-    if p == 1.0:  # the correction diverges; zeros are the defined output (never NaN, even for inf)
+    realised = realised_drop_probability(p)  # the moments of the mask actually drawn
+    if realised == 1.0:  # the correction diverges; zeros are the defined output (never NaN)
         return 0.0, 0.0, 0.0
-    a, b = alpha_dropout_coefficients(p)
+    a, b = alpha_dropout_coefficients(realised)
     return a, b, a * SELU_ALPHA_PRIME + b
 
 

@@ -6,8 +6,19 @@ from collections.abc import Callable
 
 import torch
 
-from dropkit._validation import check_bool, check_floating_tensor, check_probability, check_probability_tensor
-from dropkit.engine.numerics import compute_dtype
+from dropkit._validation import (
+    check_bool,
+    check_floating_tensor,
+    check_probability,
+    check_probability_tensor,
+    check_tensor,
+)
+from dropkit.engine.numerics import (
+    THRESHOLD_SCALE,
+    compute_dtype,
+    drop_threshold_tensor,
+    realised_keep_probability,
+)
 from dropkit.engine.streams import draw_functional_key, key_from_generator, make_key, to_device_async
 from dropkit.ops import Rate, checked_rate, refuse_jit_trace, zeros_like_connected
 
@@ -31,16 +42,35 @@ def is_zero(rate: Rate) -> bool:
 
 
 def keep_probability(p: Rate) -> Rate:
-    """``1 - p`` in float64, as a float or a 0-dim tensor."""
+    """The realised keep probability of ``p`` (the engine's, see
+    :func:`~dropkit.engine.numerics.realised_keep_probability`) in float64, as a float or a
+    0-dim tensor."""
     if isinstance(p, torch.Tensor):
-        return 1.0 - p.reshape(()).to(torch.float64)
-    return 1.0 - p
+        return (THRESHOLD_SCALE - drop_threshold_tensor(p.reshape(()))).to(torch.float64) / THRESHOLD_SCALE
+    return realised_keep_probability(p)
 
 
-def check_common(input: object, training: object, inplace: object) -> torch.Tensor:
+def check_common(input: object, training: object, inplace: object, *, floating: bool = True) -> torch.Tensor:
+    """Check the flags and the input: a floating-point tensor, or (``floating=False``, for ops that
+    pass other dtypes through where they are the identity, see :func:`passes_through`) any tensor."""
     check_bool(training, "training")
     check_bool(inplace, "inplace")
-    return check_floating_tensor(input)
+    return check_floating_tensor(input) if floating else check_tensor(input)
+
+
+def passes_through(input: torch.Tensor, training: bool, p: Rate) -> bool:
+    """Whether the call is the identity (eval mode, or the float rate 0), so that the op returns
+    ``input`` itself: of any dtype, integer, bool and complex included, as torch's dropout family
+    does.  Otherwise the op computes, and the input must be floating point (a TypeError naming
+    its dtype).  Checks of the arguments come first: they hold in every mode."""
+    if not training or is_zero(p):
+        return True
+    if not input.is_floating_point():
+        raise TypeError(
+            f"input must be a floating-point tensor, got dtype {input.dtype} (other dtypes pass "
+            "through unchanged only where the op is the identity: training=False or p=0)"
+        )
+    return False
 
 
 def resolve_key(input: torch.Tensor, seed: SeedLike, generator: torch.Generator | None) -> torch.Tensor:

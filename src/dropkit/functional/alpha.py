@@ -10,7 +10,8 @@ from dropkit import ops
 from dropkit._validation import check_bool, check_min_rank, normalize_dims
 from dropkit.engine.numerics import SELU_ALPHA_PRIME as SELU_ALPHA_PRIME
 from dropkit.engine.numerics import alpha_dropout_coefficients as alpha_dropout_coefficients
-from dropkit.functional._common import SeedLike, check_common, check_rate, finish, is_zero, resolve_key
+from dropkit.functional._common import SeedLike, check_common, check_rate, finish, passes_through, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate
 
 __all__ = ["SELU_ALPHA_PRIME", "alpha_dropout", "alpha_dropout_coefficients", "feature_alpha_dropout"]
@@ -27,7 +28,8 @@ def _alpha(
 ) -> torch.Tensor:
     # The constants (a, b, a * alpha' + b) come from the rate the op reads; at p = 1 they are
     # zeros (the correction diverges): the defined output, never NaN, even for inf input.
-    if not training or is_zero(p):
+    if passes_through(input, training, p):
+        check_seed(seed, generator)  # a bad seed is refused where nothing is drawn too
         return input
     key = resolve_key(input, seed, generator)
     return finish(input, ops.masked_affine(input, key, p, dims, "alpha", "p"), inplace)
@@ -44,7 +46,7 @@ def alpha_dropout(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Alpha dropout of each element; see :class:`dropkit.nn.AlphaDropout`."""
-    input = check_common(input, training, inplace)
+    input = check_common(input, training, inplace, floating=False)
     p = check_rate(p)
     dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
     return _alpha(input, p, training, inplace, dims, seed, generator)
@@ -61,7 +63,7 @@ def feature_alpha_dropout(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Alpha dropout of whole channels of ``(N, C, *)`` input; see :class:`dropkit.nn.FeatureAlphaDropout`."""
-    input = check_common(input, training, inplace)
+    input = check_common(input, training, inplace, floating=False)
     p = check_rate(p)
     spatial = _feature_dims(input, channels_last)
     return _alpha(input, p, training, inplace, spatial, seed, generator)

@@ -20,6 +20,7 @@ from dropkit import ops
 from dropkit._validation import check_bool, check_floating_tensor
 from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, check_rate, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.functional.dropout import dropout
 from dropkit.functional.fused import fused_bias_dropout_add
 from dropkit.ops import Rate
@@ -180,6 +181,7 @@ def scaled_dot_product_attention(
     scale = _check_scale(scale)
     check_bool(training, "training")
     check_bool(use_engine, "use_engine")
+    check_seed(seed, generator)
     if not use_engine and (seed is not None or generator is not None):
         raise ValueError(
             "seed and generator fix dropkit's engine masks and need use_engine=True, got use_engine=False"
@@ -228,6 +230,7 @@ def residual_dropout(
     :func:`dropkit.functional.dropout` draws for the same key.
     """
     input, residual = _check_residual_args(input, residual, training)
+    check_seed(seed, generator)
     if bias is not None:
         return fused_bias_dropout_add(input, bias, residual, p, training, seed=seed, generator=generator)
     p = check_rate(p)

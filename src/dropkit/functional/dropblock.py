@@ -12,6 +12,7 @@ from dropkit._validation import check_bool, check_rank
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, check_common, check_rate, finish, is_zero, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate, RateOp
 
 __all__ = ["drop_block", "drop_block1d", "drop_block2d", "drop_block3d"]
@@ -180,6 +181,7 @@ def drop_block(
     _check_options(
         input, block_size, spatial_rank, channels_last, shared_channels, per_sample_renorm, exact_rate
     )
+    check_seed(seed, generator)
     if not training or is_zero(p) or input.numel() == 0:
         return input
     key = resolve_key(input, seed, generator)

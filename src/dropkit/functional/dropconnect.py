@@ -35,6 +35,7 @@ from dropkit.engine.numerics import (
     inverted_scale_of,
 )
 from dropkit.functional._common import SeedLike, check_rate, is_zero, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate
 
 __all__ = [
@@ -58,7 +59,9 @@ def _in_compute_dtype(factor: float | torch.Tensor, like: torch.Tensor) -> float
 def apply_weight_mask(weight: torch.Tensor, keep: torch.Tensor, p: Rate) -> torch.Tensor:
     """``weight / q`` where ``keep``, exact zeros elsewhere (``where``, not ``* mask``: inf * 0 is NaN)."""
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    return torch.where(keep, weight * _in_compute_dtype(inverted_scale_of(p), weight), zero)
+    # Rounded to the weight's dtype: a 0-d weight times a 0-d factor tensor would promote.
+    scaled = (weight * _in_compute_dtype(inverted_scale_of(p), weight)).to(weight.dtype)
+    return torch.where(keep, scaled, zero)
 
 
 def example_keep_masks(
@@ -125,6 +128,7 @@ def drop_connect_weight(
     """
     weight = check_floating_tensor(weight, "weight")
     p = check_rate(p)
+    check_seed(seed, generator)
     if is_zero(p):
         return weight
     key = resolve_key(weight, seed, generator)
@@ -139,15 +143,68 @@ def drop_connect_linear_moments(
     :math:`\mu = W v + b` and :math:`\sigma^2 = \frac{p}{q}(W \odot W)(v \odot v)` for the
     inverted convention of :func:`drop_connect_weight` (exact moments for a fresh mask; the
     variance is reported as 0 at ``p = 1``, where inference falls back to the undropped layer
-    like eval-mode dropout does).  ``input`` is :math:`(*, \text{in})`, both results
-    :math:`(*, \text{out})`.
+    like eval-mode dropout does, and is exactly 0 at ``p = 0`` whatever the weights).  ``input``
+    is :math:`(*, \text{in})`, ``weight`` :math:`(\text{out}, \text{in})`, ``bias``
+    :math:`(\text{out})` or ``None``, all of one floating dtype and device; both results
+    :math:`(*, \text{out})`.  Both are computed in float32 for float16 and bfloat16 (squares of
+    float16 weights above 256 overflow) and rounded once.
     """
-    input = check_floating_tensor(input)
+    mean, variance = _linear_moments(input, weight, bias, p)
+    return mean.to(weight.dtype), variance.to(weight.dtype)
+
+
+def _linear_moments(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: Rate
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`drop_connect_linear_moments` in the compute dtype, before the rounding."""
+    input, weight, bias = _check_linear_args(input, weight, bias)
     p = check_rate(p)
-    mean = F.linear(input, weight, bias)
-    square = input.square()
-    variance = F.linear(square, weight.square()) * _in_compute_dtype(variance_ratio(p), square)
-    return mean, variance
+    compute = compute_dtype(input.dtype)
+    mean = F.linear(input.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
+    ratio = variance_ratio(p)
+    if not isinstance(ratio, torch.Tensor) and ratio == 0.0:  # p = 0 or 1: never inf * 0
+        return mean, torch.zeros_like(mean)
+    square = unless_zero_ratio(input.to(compute), ratio).square()
+    weight_square = unless_zero_ratio(weight.to(compute), ratio).square()
+    return mean, F.linear(square, weight_square) * _in_compute_dtype(ratio, square)
+
+
+def unless_zero_ratio(factor: torch.Tensor, ratio: float | torch.Tensor) -> torch.Tensor:
+    """``factor`` of a variance ``ratio * sum(w**2 v**2)``, replaced by exact zeros where a tensor
+    ``ratio`` is 0 (``p`` = 0 or 1): the variance is then exactly 0, forward and backward, whatever
+    the weights and inputs (``inf * 0`` is NaN), as for the float 0, which skips the product."""
+    if not isinstance(ratio, torch.Tensor):
+        return factor
+    zero = torch.zeros((), dtype=factor.dtype, device=factor.device)
+    return torch.where(ratio.to(factor.device) == 0.0, zero, factor)
+
+
+def _check_linear_args(
+    input: object, weight: object, bias: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``input (*, in)``, ``weight (out, in)`` and ``bias (out,)`` or ``None``: floating-point
+    tensors of one dtype on one device (a TypeError or ValueError naming the argument)."""
+    input = check_floating_tensor(input)
+    weight = check_floating_tensor(weight, "weight")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dim (*, in_features), got a 0-D tensor")
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (out_features, {input.shape[-1]}) for input of shape "
+            f"{tuple(input.shape)}, got {tuple(weight.shape)}"
+        )
+    tensors = [("weight", weight)]
+    if bias is not None:
+        bias = check_floating_tensor(bias, "bias")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) or be None, got {tuple(bias.shape)}")
+        tensors.append(("bias", bias))
+    for name, tensor in tensors:
+        if tensor.dtype != input.dtype:
+            raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {tensor.dtype}")
+        if tensor.device != input.device:
+            raise ValueError(f"{name} must be on the input's device {input.device}, got {tensor.device}")
+    return input, weight, bias
 
 
 def moment_matching_linear(
@@ -181,10 +238,12 @@ def moment_matching_linear(
 
     Reference: Wan et al., "Regularization of Neural Networks using DropConnect", ICML 2013.
     """
-    mean, variance = drop_connect_linear_moments(input, weight, bias, p)
-    return gaussian_moment_matching(
+    check_seed(seed, generator)
+    mean, variance = _linear_moments(input, weight, bias, p)
+    output = gaussian_moment_matching(
         mean, variance, activation, samples=samples, seed=seed, generator=generator
     )
+    return output.to(input.dtype)
 
 
 def variance_ratio(p: Rate) -> float | torch.Tensor:
@@ -209,13 +268,22 @@ def gaussian_moment_matching(
 
     The step of moment matching after the moments: any layer whose pre-activation moments are
     known (linear or convolutional) uses it.  Noise comes from ``normal_noise`` keyed by
-    ``seed``/``generator`` or the functional stream.
+    ``seed``/``generator`` or the functional stream.  The samples and their average are computed
+    in float32 for float16 and bfloat16 ``mean`` (``variance`` may be given in float32, unrounded)
+    and the result is rounded once to ``mean``'s dtype.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if activation is not None and not callable(activation):
         raise TypeError(f"activation must be callable or None, got {type(activation).__name__}")
+    mean = check_floating_tensor(mean, "mean")
+    variance = check_floating_tensor(variance, "variance")
+    if variance.shape != mean.shape:
+        raise ValueError(
+            f"variance must have the shape of mean {tuple(mean.shape)}, got {tuple(variance.shape)}"
+        )
     key = resolve_key(mean, seed, generator)
-    noise = normal_noise(key, (samples, *mean.shape), mean.dtype).to(mean.dtype)
-    drawn = mean + variance.sqrt() * noise
-    return (drawn if activation is None else activation(drawn)).mean(dim=0)
+    compute = compute_dtype(mean.dtype)
+    noise = normal_noise(key, (samples, *mean.shape), mean.dtype).to(compute)
+    drawn = mean.to(compute) + variance.to(compute).sqrt() * noise
+    return (drawn if activation is None else activation(drawn)).mean(dim=0).to(mean.dtype)

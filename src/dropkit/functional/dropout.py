@@ -7,17 +7,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dropkit import ops
-from dropkit._validation import check_bool, check_rank, normalize_dims
+from dropkit._validation import check_bool, check_floating_tensor, check_rank, normalize_dims
 from dropkit.functional._common import (
     SeedLike,
     check_common,
     check_rate,
     finish,
-    is_zero,
     keep_probability,
+    passes_through,
     resolve_key,
     scale_by,
 )
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate
 
 __all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d"]
@@ -41,13 +42,15 @@ def dropout(
     is shared (channel, time-tied or token masks); ``seed`` (an int or a key from
     :func:`dropkit.make_key`) or ``generator`` fix the mask for this call.
     """
-    input = check_common(input, training, inplace)
+    input = check_common(input, training, inplace, floating=False)
     p = check_rate(p)
     check_bool(inverted, "inverted")
     dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
-    if not training:
-        return input if inverted else scale_by(input, keep_probability(p), inplace)
-    if is_zero(p):
+    if not (training or inverted):  # the original formulation's eval: x * q
+        check_seed(seed, generator)  # a bad seed is refused where nothing is drawn too
+        return scale_by(check_floating_tensor(input), keep_probability(p), inplace)
+    if passes_through(input, training, p):
+        check_seed(seed, generator)
         return input
     key = resolve_key(input, seed, generator)
     output = ops.masked_affine(input, key, p, dims, "inverted" if inverted else "unscaled", "p")
@@ -65,7 +68,7 @@ def _channel_dropout(
     seed: SeedLike,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    input = check_common(input, training, inplace)
+    input = check_common(input, training, inplace, floating=False)
     check_bool(channels_last, "channels_last")
     letters = {1: "L", 2: "HW", 3: "DHW"}[spatial_rank]
     layout = f"(N, {', '.join(letters)}, C)" if channels_last else f"(N, C, {', '.join(letters)})"

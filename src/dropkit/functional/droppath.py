@@ -9,6 +9,7 @@ import torch
 
 from dropkit._validation import check_probability, normalize_dims
 from dropkit.functional._common import SeedLike, check_common, check_rate
+from dropkit.functional._seed import check_seed
 from dropkit.functional.dropout import dropout
 from dropkit.ops import Rate
 
@@ -58,6 +59,7 @@ def drop_path(
     input = check_common(input, training, inplace)
     p = check_rate(p)
     shared = _shared_dims(input, mode, batch_dim)
+    check_seed(seed, generator)
     return dropout(input, p, training, inplace, broadcast_dims=shared, seed=seed, generator=generator)
 
 
@@ -108,8 +110,9 @@ def stochastic_depth_rates(num_blocks: int, max_rate: float, *, rule: str = "lin
         raise ValueError(f"rule must be one of {STOCHASTIC_DEPTH_RULES}, got {rule!r}")
     if rule == "uniform":
         return [max_rate] * num_blocks
+    # min(): max_rate * L / L may round one ulp above max_rate; the deepest block gets it exactly.
     if rule == "linear":
-        return [max_rate * block / num_blocks for block in range(1, num_blocks + 1)]
+        return [min(max_rate * block / num_blocks, max_rate) for block in range(1, num_blocks + 1)]
     if num_blocks == 1:
         return [0.0]
-    return [max_rate * block / (num_blocks - 1) for block in range(num_blocks)]
+    return [min(max_rate * block / (num_blocks - 1), max_rate) for block in range(num_blocks)]

@@ -12,6 +12,7 @@ from dropkit._validation import check_bool, check_floating_tensor
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.numerics import compute_dtype, inverted_scale_of
 from dropkit.functional._common import SeedLike, check_rate, is_zero, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate
 
 __all__ = ["embedding_dropout", "word_dropout"]
@@ -120,6 +121,7 @@ def word_dropout(
         raise TypeError("unk_idx must be an int, got None")
     if unk == padding_idx:
         raise ValueError(f"unk_idx must differ from padding_idx, got {unk_idx} and {padding_idx}")
+    check_seed(seed, generator)
     if not training or is_zero(p):
         return input
     key = resolve_key(input, seed, generator)
@@ -165,6 +167,7 @@ def embedding_dropout(
     )
     p = check_rate(p)
     options = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    check_seed(seed, generator)
     if not training or is_zero(p):
         return F.embedding(input, weight, *options)
     key = resolve_key(weight, seed, generator)

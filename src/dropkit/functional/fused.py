@@ -11,6 +11,7 @@ from dropkit._deprecation import warn_deprecated
 from dropkit._validation import check_bool, check_floating_tensor
 from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, check_rate, is_zero, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate
 
 __all__ = ["bias_dropout_add"]
@@ -69,6 +70,7 @@ def fused_bias_dropout_add(
     input, bias, residual = _check_operands(input, bias, residual)
     p = check_rate(p)
     check_bool(training, "training")
+    check_seed(seed, generator)
     if not training or is_zero(p):
         return _sum_all(input, bias, residual)
     key = resolve_key(input, seed, generator)

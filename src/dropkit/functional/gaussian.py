@@ -10,6 +10,7 @@ from dropkit import ops
 from dropkit._validation import check_nonnegative, normalize_dims
 from dropkit.engine.numerics import gaussian_dropout_std as gaussian_dropout_std
 from dropkit.functional._common import SeedLike, check_common, check_rate, finish, is_zero, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate
 
 __all__ = ["gaussian_dropout", "gaussian_dropout_std", "gaussian_noise"]
@@ -29,6 +30,7 @@ def gaussian_dropout(
     input = check_common(input, training, inplace)
     p = check_rate(p)
     dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
+    check_seed(seed, generator)
     if not training or is_zero(p):
         return input
     key = resolve_key(input, seed, generator)
@@ -49,6 +51,7 @@ def gaussian_noise(
     input = check_common(input, training, inplace)
     std = check_rate(std, "std", check_nonnegative)
     dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
+    check_seed(seed, generator)
     if not training or is_zero(std):
         return input
     key = resolve_key(input, seed, generator)

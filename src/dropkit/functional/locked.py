@@ -12,6 +12,7 @@ from dropkit._validation import check_bool, check_floating_tensor, check_min_ran
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.numerics import compute_dtype, inverted_scale, rate_value
 from dropkit.functional._common import SeedLike, check_common, check_rate, finish, is_zero, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.functional.dropout import dropout
 from dropkit.ops import Rate
 
@@ -132,6 +133,7 @@ def locked_dropout(
     check_bool(inplace, "inplace")
     check_bool(batch_first, "batch_first")
     p = check_rate(p)
+    check_seed(seed, generator)
     if isinstance(input, PackedSequence):
         if padding_mask is not None:
             raise ValueError("padding_mask must be None for a PackedSequence, which holds no padding")

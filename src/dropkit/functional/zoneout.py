@@ -11,6 +11,7 @@ from dropkit._validation import check_bool, check_floating_tensor
 from dropkit.engine.masks import random_bits16
 from dropkit.engine.numerics import compute_dtype, drop_threshold, drop_threshold_tensor
 from dropkit.functional._common import SeedLike, check_rate, is_zero, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate
 
 __all__ = ["zoneout", "zoneout_states"]
@@ -23,7 +24,8 @@ def _expectation(prev: torch.Tensor, new: torch.Tensor, p: Rate) -> torch.Tensor
     if isinstance(p, torch.Tensor):
         compute = compute_dtype(prev.dtype)
         p = p.reshape(()).to(prev.device)
-        mixed = prev * p.to(compute) + new * (1.0 - p).to(compute)
+        # Each product rounded to the states' dtype, as with a float (0-d states would promote).
+        mixed = (prev * p.to(compute)).to(prev.dtype) + (new * (1.0 - p).to(compute)).to(new.dtype)
         return torch.where(p == 0.0, new, torch.where(p == 1.0, prev, mixed))
     if p == 0.0:
         return new
@@ -39,9 +41,14 @@ def _threshold(rate: Rate, device: torch.device) -> int | torch.Tensor:
 
 
 def _check_states(
-    prev: Sequence[torch.Tensor], new: Sequence[torch.Tensor], rates: Sequence[Any]
-) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
-    """``(prev[i], new[i], rates[i])`` after checking the lengths and each pair of states."""
+    prev: Sequence[torch.Tensor], new: Sequence[torch.Tensor], rates: Sequence[Any], single: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor, Rate]]:
+    """``(prev[i], new[i], rates[i])`` after checking the lengths, each pair of states and each
+    rate; errors name ``prev[i]``, ``new[i]`` and ``rates[i]`` (``prev``, ``new`` and ``p`` for
+    the one state of :func:`zoneout`, ``single=True``)."""
+    for name, value in (("prev", prev), ("new", new), ("rates", rates)):
+        if isinstance(value, (torch.Tensor, str)) or not isinstance(value, Sequence):
+            raise TypeError(f"{name} must be a sequence (a tuple or list), got {type(value).__name__}")
     if not (len(prev) == len(new) == len(rates)) or not prev:
         raise ValueError(
             "prev, new and rates must have the same non-zero length, "
@@ -49,14 +56,15 @@ def _check_states(
         )
     checked = []
     for i, (before, after, rate) in enumerate(zip(prev, new, rates, strict=True)):
-        before = check_floating_tensor(before, f"prev[{i}]")
-        after = check_floating_tensor(after, f"new[{i}]")
+        names = ("prev", "new", "p") if single else (f"prev[{i}]", f"new[{i}]", f"rates[{i}]")
+        before = check_floating_tensor(before, names[0])
+        after = check_floating_tensor(after, names[1])
         if before.shape != after.shape:
             raise ValueError(
-                f"prev[{i}] and new[{i}] must have the same shape, got {tuple(before.shape)} "
+                f"{names[0]} and {names[1]} must have the same shape, got {tuple(before.shape)} "
                 f"and {tuple(after.shape)}"
             )
-        checked.append((before, after, rate))
+        checked.append((before, after, check_rate(rate, names[2])))
     return checked
 
 
@@ -77,11 +85,17 @@ def zoneout_states(
     and zones a unit out where the draw is below ``round(rates[i] * 2**16)``, so the masks are
     independent and ``zoneout_states((a,), (b,), (p,))[0] == zoneout(a, b, p)``.
     """
+    return _zoneout_states(_check_states(prev, new, rates), training, seed, generator)
+
+
+def _zoneout_states(
+    checked: list[tuple[torch.Tensor, torch.Tensor, Rate]],
+    training: bool,
+    seed: SeedLike,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, ...]:
     check_bool(training, "training")
-    checked = [
-        (before, after, check_rate(rate, f"rates[{i}]"))
-        for i, (before, after, rate) in enumerate(_check_states(prev, new, rates))
-    ]
+    check_seed(seed, generator)
     if not training:
         return tuple(_expectation(before, after, rate) for before, after, rate in checked)
     if all(is_zero(rate) for _, _, rate in checked):
@@ -120,4 +134,4 @@ def zoneout(
         >>> zoneout(torch.zeros(3), torch.ones(3), 0.25, training=False)
         tensor([0.7500, 0.7500, 0.7500])
     """
-    return zoneout_states((prev,), (new,), (p,), training, seed=seed, generator=generator)[0]
+    return _zoneout_states(_check_states((prev,), (new,), (p,), single=True), training, seed, generator)[0]

@@ -17,6 +17,7 @@ from dropkit.engine.streams import (
     register_step_owner,
 )
 from dropkit.functional._common import SeedLike
+from dropkit.functional._seed import check_seed
 from dropkit.ops import refuse_jit_trace
 
 
@@ -142,6 +143,9 @@ class _UnaryRandomLayer(_RandomLayer):
 
     _functional: ClassVar[Callable[..., torch.Tensor]]
     _rate_holder: ClassVar[str] = "p_tensor"  # the holder of the rate the op takes
+    # A layer of torch's dropout family returns its input itself at p = 0, as torch's do (of any
+    # dtype): eagerly it passes the float 0, for which the op is a pass-through.
+    _zero_rate_passes_through: ClassVar[bool] = False
     inplace: bool
 
     def _options(self) -> dict[str, Any]:
@@ -152,11 +156,19 @@ class _UnaryRandomLayer(_RandomLayer):
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Apply the layer; ``seed`` (int or key) or ``generator`` fix the randomness of this call."""
+        check_seed(seed, generator)  # also where nothing is drawn (eval, p = 0)
         if self.training:
             seed = self._key(input, seed, generator)
         holder = self._rate_holder
         # Traced (eval only: training refuses) the float, a constant, not a read of the holder.
         rate = self.__dict__["_" + holder.removesuffix("_tensor") if torch.jit.is_tracing() else holder]
+        # A compiled graph always reads the holder: it neither branches nor guards on the rate.
+        if (
+            self._zero_rate_passes_through
+            and not torch.compiler.is_compiling()
+            and self.__dict__["_p"] == 0.0
+        ):
+            rate = 0.0
         return type(self)._functional(
             input,
             rate,

@@ -43,6 +43,7 @@ class AlphaDropout(_DropoutBase, torch.nn.AlphaDropout):
     """
 
     _functional = staticmethod(F.alpha_dropout)
+    _zero_rate_passes_through = True
 
 
 class FeatureAlphaDropout(_ChannelDropoutBase, torch.nn.FeatureAlphaDropout):
@@ -70,3 +71,4 @@ class FeatureAlphaDropout(_ChannelDropoutBase, torch.nn.FeatureAlphaDropout):
     """
 
     _functional = staticmethod(F.feature_alpha_dropout)
+    _zero_rate_passes_through = True

@@ -20,6 +20,7 @@ from dropkit._deprecation import (
 )
 from dropkit._validation import _check_real, check_min_rank, check_nonnegative, check_rank, normalize_dims
 from dropkit.functional._common import SeedLike
+from dropkit.functional._seed import check_seed
 from dropkit.functional.concrete import check_temperature, concrete_dropout
 from dropkit.nn._base import _RandomLayer
 
@@ -226,6 +227,7 @@ class ConcreteDropout(_RandomLayer):
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Drop the input (training only), then apply ``module``; ``seed``/``generator`` fix the noise."""
+        check_seed(seed, generator)
         if self.training:
             dims = self._noise_dims(input)
             seed = self._key(input, seed, generator)

@@ -9,14 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropkit._validation import check_bool
+from dropkit._validation import check_bool, check_floating_tensor
 from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.functional.dropconnect import (
     apply_weight_mask,
     drop_connect_weight,
     example_keep_masks,
     gaussian_moment_matching,
+    unless_zero_ratio,
     variance_ratio,
 )
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
@@ -165,7 +167,9 @@ class DropConnect(_ProbabilityRate, _RandomLayer):
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Apply the layer; ``seed`` (int or key) or ``generator`` fix the randomness of this call."""
+        check_floating_tensor(input)
         if not self.training:
+            check_seed(seed, generator)
             if self.inference == "moment_matching":
                 return gaussian_moment_matching(
                     self.module(input),
@@ -196,12 +200,16 @@ class DropConnect(_ProbabilityRate, _RandomLayer):
 
         Every output is a sum of independent ``w * v * r / q`` terms over the weights it reads,
         padded inputs included (reflected or circular padding squares like the input does).
+        In the compute dtype (float32 for half inputs: moment matching rounds its result once);
+        exact zeros where ``p`` is 0 or 1.
         """
-        weight = self.module.weight.square()
-        square = input.square()
+        compute = compute_dtype(input.dtype)  # float16 squares of weights above 256 overflow
+        ratio = self._variance_ratio(input)
+        weight = unless_zero_ratio(self.module.weight.to(compute), ratio).square()
+        square = unless_zero_ratio(input.to(compute), ratio).square()
         if isinstance(self.module, nn.Linear):
-            return F.linear(square, weight) * self._variance_ratio(square)
-        return self.module._conv_forward(square, weight, None) * self._variance_ratio(square)
+            return F.linear(square, weight) * ratio
+        return self.module._conv_forward(square, weight, None) * ratio
 
     def _layer(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The wrapped layer with another weight; the conv's own ``_conv_forward`` keeps every setting."""
@@ -214,6 +222,9 @@ class DropConnect(_ProbabilityRate, _RandomLayer):
         unbatched_rank = 1 if isinstance(self.module, nn.Linear) else weight.dim() - 1
         unbatched = input.dim() == unbatched_rank
         batch = input.unsqueeze(0) if unbatched else input
+        if batch.shape[0] == 0:  # no example, no mask: the layer's empty output, still connected
+            output = self._layer(batch, weight)
+            return output.squeeze(0) if unbatched else output
         outputs = []
         rate = checked_rate(self.p_tensor)
         for start in range(0, batch.shape[0], self.chunk_size):

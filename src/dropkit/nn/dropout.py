@@ -58,6 +58,7 @@ class Dropout(_DropoutBase, torch.nn.Dropout):
     """
 
     _functional = staticmethod(F.dropout)
+    _zero_rate_passes_through = True
 
     def __init__(
         self,
@@ -111,6 +112,7 @@ class Dropout1d(_ChannelDropoutBase, torch.nn.Dropout1d):
     """
 
     _functional = staticmethod(F.dropout1d)
+    _zero_rate_passes_through = True
 
 
 class Dropout2d(_ChannelDropoutBase, torch.nn.Dropout2d):
@@ -141,6 +143,7 @@ class Dropout2d(_ChannelDropoutBase, torch.nn.Dropout2d):
     """
 
     _functional = staticmethod(F.dropout2d)
+    _zero_rate_passes_through = True
 
 
 class Dropout3d(_ChannelDropoutBase, torch.nn.Dropout3d):
@@ -169,3 +172,4 @@ class Dropout3d(_ChannelDropoutBase, torch.nn.Dropout3d):
     """
 
     _functional = staticmethod(F.dropout3d)
+    _zero_rate_passes_through = True

@@ -14,13 +14,14 @@ from dropkit._deprecation import (
     upgrade_renamed_submodule,
     warn_deprecated,
 )
-from dropkit._validation import check_bool, check_probability
+from dropkit._validation import check_bool
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.streams import share_masks_across_ranks
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.functional.droppath import check_batch_dim, check_mode
 from dropkit.functional.droppath import drop_path as F_drop_path
-from dropkit.nn._base import _DropoutBase, _ProbabilityRate, _RandomLayer
+from dropkit.nn._base import RateAttribute, _DropoutBase, _ProbabilityRate, _RandomLayer
 
 __all__ = ["DropPath", "LayerDrop", "StochasticDepth"]
 
@@ -163,6 +164,7 @@ class StochasticDepth(_ProbabilityRate, _RandomLayer):
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """``input + drop_path(module(input))``; ``seed`` or ``generator`` fix the randomness of this call."""
+        check_seed(seed, generator)
         if not self.training:
             return input + self.module(input)
         key = resolve_key(input, self._key(input, seed, generator), generator)
@@ -206,7 +208,8 @@ class LayerDrop(_RandomLayer):
     (``fullgraph=True`` fails in training) and every distinct set of kept layers compiles its
     own graph.  ``p`` therefore stays a plain float (a changed ``p`` recompiles the graph that
     draws the decisions too); compile the layers themselves, or use :class:`StochasticDepth` /
-    :class:`DropPath`, whose branches stay in one graph.
+    :class:`DropPath`, whose branches stay in one graph.  It is validated like every dropkit rate,
+    on construction and on every assignment (a ValueError or TypeError naming ``p``).
 
     Unlike the single-module wrappers (``StochasticDepth``, ``ConcreteDropout``, ``DropConnect``,
     ...), whose wrapped module is the argument and attribute ``module``, this wrapper takes a
@@ -230,6 +233,8 @@ class LayerDrop(_RandomLayer):
     Dropout", ICLR 2020 (arXiv:1909.11556).
     """
 
+    p = RateAttribute(doc="The probability of each layer being skipped, in ``[0, 1]`` (a plain float).")
+
     def __init__(self, layers: Iterable[nn.Module], p: float, *, zero_grad_skipped: bool = True) -> None:
         super().__init__()
         if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList, nn.Sequential)):
@@ -241,11 +246,16 @@ class LayerDrop(_RandomLayer):
         if not modules:
             raise ValueError("layers must hold at least one module, got none")
         self.layers = nn.ModuleList(modules)
-        self.p = check_probability(p)
+        self.p = p
         self.zero_grad_skipped = check_bool(zero_grad_skipped, "zero_grad_skipped")
 
     def extra_repr(self) -> str:
         return f"p={self.p}" + ("" if self.zero_grad_skipped else ", zero_grad_skipped=False")
+
+    def _rate_is_graph_input(self, attribute: str) -> bool:
+        # The decisions are drawn with the float p (a Python branch follows): a compiled graph
+        # holds it as a constant, never its holder.
+        return False
 
     def kept_layers(
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
@@ -266,6 +276,7 @@ class LayerDrop(_RandomLayer):
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Apply the kept layers; ``seed`` or ``generator`` fix the randomness of this call."""
+        check_seed(seed, generator)
         if self.training:
             kept = self.kept_layers(input, seed=seed, generator=generator)
         else:

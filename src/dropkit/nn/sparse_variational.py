@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dropkit._validation import check_bool
-from dropkit.nn.variational import _check_finite_float, _LocalReparameterization
+from dropkit.nn.variational import _check_finite_float, _LocalReparameterization, plus_eps
 
 __all__ = [
     "MOLCHANOV_K1",
@@ -93,7 +93,7 @@ class _SparseVariationalBase(_LocalReparameterization):
     @property
     def log_alpha(self) -> torch.Tensor:
         r""":math:`\log\alpha = \log\sigma^2 - \log(\theta^2 + 10^{-8})`, clipped to ``[-8, 8]``."""
-        log_alpha = self.log_sigma2 - torch.log(self.weight * self.weight + THETA_EPS)
+        log_alpha = self.log_sigma2 - torch.log(plus_eps(self.weight * self.weight, THETA_EPS))
         return log_alpha.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def keep_mask(self) -> torch.Tensor:

@@ -276,6 +276,8 @@ class TransformerEncoderBlock(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             layout = "(N, S, E)" if self.batch_first else "(S, N, E)"
             raise ValueError(f"input must be a 3-D tensor {layout} with E = {self.d_model}, got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
         check_bool(is_causal, "is_causal")
         if not self.batch_first:
             x = x.transpose(0, 1)
@@ -314,7 +316,9 @@ class TokenAndPositionEmbedding(nn.Module):
     and fixed sinusoidal positions (§3.5); ``positions="learned"`` uses a learned table
     (BERT/GPT style, usually with ``scale_embeddings=False``).  Dropout is a
     :class:`dropkit.nn.Dropout` (``self.dropout``, ``nn.Identity`` for ``p = 0``), one draw per
-    element, on only in training.
+    element, on only in training.  ``p`` is the dropout's rate: assigning it (a schedule, say)
+    validates it and reaches the dropout, also for a layer built with ``p = 0`` (whose
+    ``nn.Identity`` then becomes a :class:`dropkit.nn.Dropout`, with the next RNG stream).
 
     Args:
         num_embeddings: vocabulary size.
@@ -361,7 +365,7 @@ class TokenAndPositionEmbedding(nn.Module):
         check_int(num_embeddings, "num_embeddings", 1)
         self.d_model = check_int(d_model, "d_model", 1)
         self.max_len = check_int(max_len, "max_len", 1)
-        self.p = check_probability(p)
+        rate = check_probability(p)
         if positions not in ("sinusoidal", "learned"):
             raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {positions!r}")
         self.positions = positions
@@ -373,7 +377,23 @@ class TokenAndPositionEmbedding(nn.Module):
             self.position = nn.Embedding(max_len, d_model)
         else:
             self.register_buffer("positional_table", sinusoidal_positions(max_len, d_model), persistent=False)
-        self.dropout = _optional_dropout(self.p)
+        self.dropout = _optional_dropout(rate)
+
+    @property
+    def p(self) -> float:
+        """The embedding dropout rate, in ``[0, 1]``: the rate of ``self.dropout`` (0 for
+        ``nn.Identity``).  Assigning it validates the value and sets the dropout's rate; a block
+        built with ``p = 0`` gets its :class:`Dropout` on the first assignment of a rate > 0."""
+        return float(getattr(self.dropout, "p", 0.0))
+
+    @p.setter
+    def p(self, value: object) -> None:
+        rate = check_probability(value)
+        if not isinstance(self.dropout, nn.Identity):
+            setattr(self.dropout, "p", rate)  # noqa: B010  # a Dropout (or what replaced it)
+        elif rate > 0.0:
+            weight = self.token.weight
+            self.dropout = Dropout(rate).to(weight.device).train(self.training)
 
     def extra_repr(self) -> str:
         return f"max_len={self.max_len}, p={self.p}, positions={self.positions!r}"

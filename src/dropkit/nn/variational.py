@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from dropkit._validation import check_floating_tensor, check_rank
 from dropkit.engine.masks import normal_noise
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.nn._base import _RandomLayer
 
 __all__ = [
@@ -48,6 +49,18 @@ KINGMA_CONSTANT = -(KINGMA_C1 + KINGMA_C2 + KINGMA_C3)
 #: Added to the pre-activation variance before the square root, so the gradient stays finite
 #: where the variance is exactly 0 (zero input, zero padding); as in the official SVD code.
 VARIANCE_EPS = 1e-8
+
+
+def plus_eps(value: torch.Tensor, eps: float) -> torch.Tensor:
+    """``value + eps`` for a floating ``value >= 0`` whose square root or log is differentiated: in
+    a dtype where ``eps`` rounds to 0 (``1e-8`` in float16) the sum is floored at the dtype's
+    smallest positive number (``2**-24`` in float16), so that only an exact 0 changes and its
+    gradient is 0 (the floor's mask) instead of ``inf * 0 = NaN``.  Other dtypes: the plain sum."""
+    finfo = torch.finfo(value.dtype)
+    smallest = finfo.tiny * finfo.eps  # the smallest subnormal: eps <= half of it rounds to 0
+    shifted = value + eps
+    return shifted.clamp_min(smallest) if eps <= smallest / 2 else shifted
+
 
 _CONV: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _TORCH_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -313,12 +326,13 @@ class _LocalReparameterization(_RandomLayer):
         ``seed`` (int or key) or ``generator`` fix the noise of a training call; eval ignores them.
         """
         input = self._check_input(input)
+        check_seed(seed, generator)
         if not self.training:
             return self._affine(input, self._eval_weight(), self.bias)
         key = resolve_key(input, self._key(input, seed, generator), generator)
         mean, variance = self.moments(input)
         noise = normal_noise(key, tuple(mean.shape), mean.dtype).to(mean.dtype)
-        return mean + torch.sqrt(variance + VARIANCE_EPS) * noise
+        return mean + torch.sqrt(plus_eps(variance, VARIANCE_EPS)) * noise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dropkit._validation import check_bool
 from dropkit.engine.masks import keep_mask
 from dropkit.engine.numerics import compute_dtype
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.functional.dropconnect import apply_weight_mask
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
 from dropkit.ops import checked_rate
@@ -235,6 +236,7 @@ class WeightDrop(_ProbabilityRate, _RandomLayer):
         self, *args: Any, seed: SeedLike = None, generator: torch.Generator | None = None, **kwargs: Any
     ) -> Any:
         """Run the wrapped module with dropped weights (training) or its own (eval)."""
+        check_seed(seed, generator)
         if self.training:
             replaced: Mapping[str, torch.Tensor] = self.dropped_weights(seed=seed, generator=generator)
         elif self.inverted:

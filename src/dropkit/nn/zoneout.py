@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from dropkit._deprecation import renamed_arguments
-from dropkit._validation import check_bool
+from dropkit._validation import check_bool, check_floating_tensor
 from dropkit.functional._common import SeedLike, resolve_key
+from dropkit.functional._seed import check_seed
 from dropkit.functional.zoneout import zoneout_states
 from dropkit.nn._base import RateAttribute, _ProbabilityRate, _RandomLayer
 from dropkit.nn.weight_drop import make_state_dict_transparent
@@ -125,13 +126,16 @@ class ZoneoutCell(_ProbabilityRate, _RandomLayer):
         if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(f"ZoneoutCell expects (B, I) or unbatched (I) input, got {shape}")
-        if self.training:
-            seed = self._key(input, seed, generator)
+        check_floating_tensor(input)
+        check_seed(seed, generator)
         if isinstance(self.module, nn.LSTMCell):
             if hx is None:
                 hx = (self._zeros(input), self._zeros(input))
             if not isinstance(hx, tuple) or len(hx) != 2:
                 raise TypeError(f"hx of an LSTM cell must be a tuple (h, c) or None, got {type(hx).__name__}")
+            check_floating_tensor(hx[0], "hx[0]")
+            check_floating_tensor(hx[1], "hx[1]")
+            seed = self._key(input, seed, generator) if self.training else seed
             new_h, new_c = self.module(input, hx)
             h, c = self._zoneout(hx, (new_h, new_c), seed, generator)
             return h, c
@@ -141,6 +145,8 @@ class ZoneoutCell(_ProbabilityRate, _RandomLayer):
             raise TypeError(
                 f"hx of a {type(self.module).__name__} must be a tensor or None, got {type(hx).__name__}"
             )
+        check_floating_tensor(hx, "hx")
+        seed = self._key(input, seed, generator) if self.training else seed
         (h,) = self._zoneout((hx,), (self.module(input, hx),), seed, generator)
         return h
 
@@ -173,6 +179,7 @@ class ZoneoutCell(_ProbabilityRate, _RandomLayer):
         whole sequence is reproducible from one seed.
         """
         check_bool(batch_first, "batch_first")
+        check_seed(seed, generator)
         if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(
