@@ -24,6 +24,7 @@ from dropkit.interop.convert import ConversionReport, FunctionalCall, Replacemen
 from dropkit.nn._base import _RandomLayer
 from tests.conftest import binomial_tolerance
 from tests.layer_specs import realised
+from tests.real_models import fake_class, import_or_skip, tiny_bert, tiny_convnext, tiny_vit
 
 TORCH_TO_DROPKIT = {
     nn.Dropout: dropkit.nn.Dropout,
@@ -33,15 +34,6 @@ TORCH_TO_DROPKIT = {
     nn.AlphaDropout: dropkit.nn.AlphaDropout,
     nn.FeatureAlphaDropout: dropkit.nn.FeatureAlphaDropout,
 }
-
-
-def _import_or_skip(name: str) -> Any:
-    """Import ``name`` or skip: any exception counts (timm and torchvision fail to import with a
-    RuntimeError or AttributeError, not an ImportError, when torchvision was built for another torch)."""
-    try:
-        return __import__(name, fromlist=["_"])
-    except Exception as error:
-        pytest.skip(f"{name} is not importable here ({type(error).__name__}: {error})")
 
 
 class AllTorchDropouts(nn.Module):
@@ -506,12 +498,6 @@ def test_dropout2d_that_gets_3d_input_is_skipped() -> None:
 # libraries are tested further down when they import)
 
 
-def _fake_class(module: str, name: str, init: Any, forward: Any) -> type[nn.Module]:
-    cls = type(name, (nn.Module,), {"__init__": init, "forward": forward, "__module__": module})
-    cls.__qualname__ = name
-    return cls
-
-
 def _per_sample(x: torch.Tensor, p: float, training: bool, scale: bool = True) -> torch.Tensor:
     if not training or p == 0:
         return x
@@ -559,10 +545,10 @@ def fake_timm(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
         return _per_sample(x, self.p, self.training) if self.mode == "row" else x
 
     timm_drop = types.ModuleType("timm.layers.drop")
-    timm_drop.DropPath = _fake_class("timm.layers.drop", "DropPath", drop_path_init, drop_path_forward)
-    timm_drop.DropBlock2d = _fake_class("timm.layers.drop", "DropBlock2d", drop_block_init, identity_in_eval)
+    timm_drop.DropPath = fake_class("timm.layers.drop", "DropPath", drop_path_init, drop_path_forward)
+    timm_drop.DropBlock2d = fake_class("timm.layers.drop", "DropBlock2d", drop_block_init, identity_in_eval)
     vision = types.ModuleType("torchvision.ops.stochastic_depth")
-    vision.StochasticDepth = _fake_class(
+    vision.StochasticDepth = fake_class(
         "torchvision.ops.stochastic_depth", "StochasticDepth", depth_init, depth_forward
     )
     monkeypatch.setitem(sys.modules, "timm.layers.drop", timm_drop)
@@ -587,7 +573,7 @@ def test_timm_drop_path_becomes_dropkit_drop_path(fake_timm: types.SimpleNamespa
 
 
 def test_timm_drop_path_is_not_recognised_by_name_alone(fake_timm: types.SimpleNamespace) -> None:
-    impostor = _fake_class(
+    impostor = fake_class(
         "timm.layers.drop", "DropPath", fake_timm.DropPath.__init__, fake_timm.DropPath.forward
     )
     report = dropkit.convert(nn.Sequential(impostor(0.2)))
@@ -664,22 +650,6 @@ def transformers() -> Any:
     return pytest.importorskip("transformers")
 
 
-def _bert(transformers: Any, attn_implementation: str, classify: bool = True) -> nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-        num_labels=3,
-        attn_implementation=attn_implementation,
-    )
-    cls = transformers.BertForSequenceClassification if classify else transformers.BertModel
-    model: nn.Module = cls(config)
-    return model
-
-
 @pytest.mark.parametrize(
     ("attn_implementation", "function"),
     [("eager", "dropout"), ("sdpa", "scaled_dot_product_attention")],
@@ -687,7 +657,7 @@ def _bert(transformers: Any, attn_implementation: str, classify: bool = True) ->
 def test_bert_every_dropout_module_is_converted_and_attention_dropout_is_listed(
     transformers: Any, attn_implementation: str, function: str
 ) -> None:
-    model = _bert(transformers, attn_implementation).eval()
+    model = tiny_bert(transformers, attn_implementation).eval()
     ids = torch.randint(0, 99, (2, 7))
     dropout_names = _dropout_names(model)
     with torch.no_grad():
@@ -735,7 +705,7 @@ def test_bert_every_dropout_module_is_converted_and_attention_dropout_is_listed(
 
 
 def test_bert_revert_round_trip(transformers: Any) -> None:
-    model = _bert(transformers, "eager", classify=False)
+    model = tiny_bert(transformers, "eager", classify=False)
     classes = {name: type(module) for name, module in model.named_modules()}
     state = copy.deepcopy(model.state_dict())
     converted = dropkit.convert(model, copy=True).model
@@ -748,18 +718,7 @@ def test_bert_revert_round_trip(transformers: Any) -> None:
 
 
 def test_vit_is_converted_and_trains(transformers: Any) -> None:
-    config = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-        num_labels=3,
-    )
-    model = transformers.ViTForImageClassification(config).eval()
+    model = tiny_vit(transformers).eval()
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         before = model(pixel_values=pixels).logits
@@ -777,16 +736,7 @@ def test_vit_is_converted_and_trains(transformers: Any) -> None:
 
 @pytest.fixture
 def convnext(transformers: Any) -> nn.Module:
-    config = transformers.ConvNextConfig(
-        num_channels=3,
-        num_stages=2,
-        hidden_sizes=[8, 16],
-        depths=[2, 2],
-        drop_path_rate=0.3,
-        num_labels=3,
-    )
-    model: nn.Module = transformers.ConvNextForImageClassification(config)
-    return model
+    return tiny_convnext(transformers)
 
 
 def test_convnext_drop_paths_become_dropkit_drop_paths(convnext: nn.Module) -> None:
@@ -910,7 +860,7 @@ def test_hf_drop_path_with_other_code_is_skipped(legacy_hf: types.ModuleType) ->
 
 
 def test_timm_resnet_with_drop_rates() -> None:
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     model = timm.create_model(
         "resnet18", pretrained=False, num_classes=5, drop_rate=0.2, drop_path_rate=0.1, drop_block_rate=0.1
     ).eval()
@@ -934,7 +884,7 @@ def test_timm_resnet_with_drop_rates() -> None:
 
 
 def test_timm_vit_with_drop_rates() -> None:
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     model = timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
@@ -961,7 +911,7 @@ def test_timm_vit_with_drop_rates() -> None:
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
 def test_torchvision_models(name: str) -> None:
-    models = _import_or_skip("torchvision.models")
+    models = import_or_skip("torchvision.models")
     model = getattr(models, name)(weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

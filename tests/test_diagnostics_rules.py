@@ -20,6 +20,7 @@ import dropkit
 from dropkit.diagnostics import RULES, DiagnosticReport, check
 from dropkit.diagnostics.flow import sequential_flow, trace_flow
 from dropkit.diagnostics.sites import module_site
+from tests.real_models import import_or_skip, tiny_bert, tiny_convnext, tiny_vit
 
 
 @pytest.fixture(autouse=True)
@@ -29,15 +30,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _import_or_skip(name: str) -> Any:
-    """Import ``name`` or skip with the error: timm and torchvision can fail with errors other
-    than ImportError when built for another torch."""
-    try:
-        return __import__(name, fromlist=["_"])
-    except Exception as error:
-        pytest.skip(f"{name} is not importable here ({type(error).__name__}: {error})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,24 +428,9 @@ def transformers() -> Any:
     return pytest.importorskip("transformers")
 
 
-def _bert(transformers: Any, attn_implementation: str) -> nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-        num_labels=3,
-        attn_implementation=attn_implementation,
-    )
-    model: nn.Module = transformers.BertForSequenceClassification(config)
-    return model
-
-
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_bert_has_no_finding(transformers: Any, attn_implementation: str) -> None:
-    model = _bert(transformers, attn_implementation)
+    model = tiny_bert(transformers, attn_implementation)
     report = check(model, {"input_ids": torch.randint(0, 99, (2, 7))}, n_train=10_000)
     assert report.findings == [], report
     attention = [site for site in report.sites if site.variant == "attention"]
@@ -464,32 +441,11 @@ def test_bert_has_no_finding(transformers: Any, attn_implementation: str) -> Non
 
 
 def test_vit_and_convnext_have_no_finding(transformers: Any) -> None:
-    vit = transformers.ViTForImageClassification(
-        transformers.ViTConfig(
-            image_size=16,
-            patch_size=4,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=37,
-            hidden_dropout_prob=0.1,
-            attention_probs_dropout_prob=0.1,
-            num_labels=3,
-        )
-    )
+    vit = tiny_vit(transformers)
     report = check(vit, {"pixel_values": torch.randn(2, 3, 16, 16)})
     assert report.findings == [], report
     assert len(report.sites) >= 3
-    convnext = transformers.ConvNextForImageClassification(
-        transformers.ConvNextConfig(
-            num_channels=3,
-            num_stages=2,
-            hidden_sizes=[8, 16],
-            depths=[2, 2],
-            drop_path_rate=0.3,
-            num_labels=3,
-        )
-    )
+    convnext = tiny_convnext(transformers)
     report = check(convnext, {"pixel_values": torch.randn(2, 3, 32, 32)})
     assert report.findings == [], report
     assert {site.variant for site in report.sites} == {"path"}
@@ -524,7 +480,7 @@ def test_torch_transformer_encoder_has_no_finding() -> None:
     ],
 )
 def test_timm_models_have_no_finding(name: str, options: dict[str, Any]) -> None:
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     model = timm.create_model(name, pretrained=False, num_classes=3, **options)
     report = check(model, torch.randn(2, 3, 32, 32))
     assert report.findings == [], report
@@ -533,7 +489,7 @@ def test_timm_models_have_no_finding(name: str, options: dict[str, Any]) -> None
 
 @pytest.mark.parametrize("name", ["resnet18", "vgg11", "mobilenet_v2", "efficientnet_b0"])
 def test_torchvision_models_have_no_finding(name: str) -> None:
-    models = _import_or_skip("torchvision.models")
+    models = import_or_skip("torchvision.models")
     model = getattr(models, name)(weights=None, num_classes=3)
     report = check(model, torch.randn(2, 3, 64, 64))
     assert report.findings == [], report

@@ -35,18 +35,9 @@ from dropkit.mc.mode import (
 from dropkit.mc.sampling import mc_predict
 from dropkit.mc.trunk import split_trunk
 from tests.conftest import binomial_tolerance
+from tests.real_models import fake_class, import_or_skip, tiny_bert, tiny_convnext, tiny_vit
 
 Records = dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]
-
-
-def _import_or_skip(name: str) -> Any:
-    """Import ``name`` or skip with the error: any exception counts (timm and torchvision fail with
-    a RuntimeError or AttributeError, not an ImportError, when torchvision was built for another
-    torch)."""
-    try:
-        return __import__(name, fromlist=["_"])
-    except Exception as error:
-        pytest.skip(f"{name} is not importable here ({type(error).__name__}: {error})")
 
 
 @pytest.fixture
@@ -138,12 +129,6 @@ def _check_sites(
 # Stand-ins: timm's and torchvision's drop-path modules, and timm's ViT pattern
 
 
-def _fake_class(module: str, name: str, init: Any, forward: Any) -> type[nn.Module]:
-    cls = type(name, (nn.Module,), {"__init__": init, "forward": forward, "__module__": module})
-    cls.__qualname__ = name
-    return cls
-
-
 def _torch_drop_path(x: torch.Tensor, p: float, training: bool, scale: bool = True) -> torch.Tensor:
     if not training or p == 0:
         return x
@@ -172,9 +157,9 @@ def foreign(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
         return _torch_drop_path(input, self.p, self.training) if self.mode == "row" else input
 
     timm_drop: Any = types.ModuleType("timm.layers.drop")
-    timm_drop.DropPath = _fake_class("timm.layers.drop", "DropPath", drop_path_init, drop_path_forward)
+    timm_drop.DropPath = fake_class("timm.layers.drop", "DropPath", drop_path_init, drop_path_forward)
     vision: Any = types.ModuleType("torchvision.ops.stochastic_depth")
-    vision.StochasticDepth = _fake_class(
+    vision.StochasticDepth = fake_class(
         "torchvision.ops.stochastic_depth", "StochasticDepth", depth_init, depth_forward
     )
     monkeypatch.setitem(sys.modules, "timm.layers.drop", timm_drop)
@@ -547,27 +532,12 @@ def transformers() -> Any:
     return pytest.importorskip("transformers")
 
 
-def _bert(transformers: Any, attn_implementation: str) -> nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-        num_labels=3,
-        attn_implementation=attn_implementation,
-    )
-    model: nn.Module = transformers.BertForSequenceClassification(config)
-    return model.train()
-
-
 @pytest.mark.parametrize("attention_p", [None, 0.3])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_bert_every_dropout_site_acts(
     transformers: Any, record_ops: Any, attn_implementation: str, attention_p: float | None
 ) -> None:
-    model = _bert(transformers, attn_implementation)
+    model = tiny_bert(transformers, attn_implementation).train()
     ids = torch.randint(0, 99, (16, 16))
     mask = torch.ones(16, 16, dtype=torch.long)
     mask[:, 12:] = 0
@@ -587,7 +557,7 @@ def test_bert_every_dropout_site_acts(
 
 
 def test_bert_with_keywords_and_model_output(transformers: Any) -> None:
-    model = _bert(transformers, "eager").eval()
+    model = tiny_bert(transformers, "eager").eval()
     ids = torch.randint(0, 99, (3, 10))
     mask = torch.ones(3, 10, dtype=torch.long)
     samples = mc_predict(model, T=5, input_ids=ids, attention_mask=mask, output="logits", seed=0)
@@ -600,19 +570,9 @@ def test_bert_with_keywords_and_model_output(transformers: Any) -> None:
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_vit_every_dropout_site_acts(transformers: Any, record_ops: Any, attn_implementation: str) -> None:
-    config = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.15,
-        num_labels=3,
-        attn_implementation=attn_implementation,
-    )
-    model = transformers.ViTForImageClassification(config).train()
+    model = tiny_vit(
+        transformers, attention_probs_dropout_prob=0.15, attn_implementation=attn_implementation
+    ).train()
     pixels = torch.randn(16, 3, 16, 16)
     expected = {name: 0.1 for name, module in model.named_modules() if type(module) is nn.Dropout}
     expected.update(
@@ -623,10 +583,7 @@ def test_vit_every_dropout_site_acts(transformers: Any, record_ops: Any, attn_im
 
 
 def test_convnext_drop_paths_act(transformers: Any, record_ops: Any) -> None:
-    config = transformers.ConvNextConfig(
-        num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[2, 2], drop_path_rate=0.3, num_labels=3
-    )
-    model = transformers.ConvNextForImageClassification(config).train()
+    model = tiny_convnext(transformers).train()
     pixels = torch.randn(128, 3, 32, 32)
     expected = {
         name: module.drop_prob
@@ -673,7 +630,7 @@ def _called(model: nn.Module, run: Callable[[], object]) -> set[str]:
 
 
 def test_timm_resnet18(record_ops: Any) -> None:
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     model = timm.create_model(  # zero_init_last=False: else each residual branch is 0 at init
         "resnet18", pretrained=False, num_classes=5, drop_rate=0.2, drop_path_rate=0.5, zero_init_last=False
     )
@@ -685,7 +642,7 @@ def test_timm_resnet18(record_ops: Any) -> None:
 
 
 def test_timm_vit(record_ops: Any) -> None:
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     model = timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
@@ -705,7 +662,7 @@ def test_timm_vit(record_ops: Any) -> None:
 def test_timm_vit_trunk_runs_the_blocks_once() -> None:
     """The issue's case: timm's ViT at its default rates (``pos_drop`` with p = 0, attention
     and drop path off), with a head dropout: the trunk holds every block."""
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5, drop_rate=0.1
     ).eval()
@@ -723,7 +680,7 @@ def test_timm_vit_trunk_runs_the_blocks_once() -> None:
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "vit"])
 def test_torchvision_models(record_ops: Any, name: str) -> None:
-    models = _import_or_skip("torchvision.models")
+    models = import_or_skip("torchvision.models")
     if name == "vit":
         model = models.VisionTransformer(
             image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=37,
