@@ -20,6 +20,7 @@ from dropkit.engine.numerics import (
     realised_keep_probability,
 )
 from dropkit.engine.streams import draw_functional_key, key_from_generator, make_key, to_device_async
+from dropkit.functional._seed import check_seed
 from dropkit.ops import Rate, checked_rate, refuse_jit_trace, zeros_like_connected
 
 SeedLike = int | torch.Tensor | None
@@ -77,18 +78,12 @@ def resolve_key(input: torch.Tensor, seed: SeedLike, generator: torch.Generator 
     """The key of this call: explicit ``seed`` (int or key tensor), ``generator``, or the
     functional stream of the global seed."""
     refuse_jit_trace()
-    if seed is not None and generator is not None:
-        raise ValueError("pass at most one of seed and generator, got both")
+    check_seed(seed, generator)
     if generator is not None:
         return to_device_async(key_from_generator(generator), input.device)
     if seed is None:
         return draw_functional_key(input.device)
     if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.shape != (3,):
-            raise ValueError(
-                "seed given as a tensor must be an int64 key [seed, stream, step] of shape (3,) "
-                f"(see dropkit.make_key), got dtype {seed.dtype} and shape {tuple(seed.shape)}"
-            )
         return to_device_async(seed, input.device)
     return make_key(seed, device=input.device)
 

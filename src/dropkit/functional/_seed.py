@@ -1,8 +1,8 @@
 """The checks of a call's ``seed`` and ``generator`` that hold whether or not the call draws.
 
-:func:`dropkit.functional._common.resolve_key` validates them when it builds the key, which a
-call that draws nothing (eval mode, a rate of 0, an empty input) never reaches: without these
-checks ``seed="x"`` would be refused in training and silently ignored in eval.
+:func:`dropkit.functional._common.resolve_key` runs them before it builds the key, and a call
+that draws nothing (eval mode, a rate of 0, an empty input) runs them before it returns: so
+``seed="x"`` is refused in eval as in training.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ __all__ = ["check_seed"]
 
 
 def check_seed(seed: object, generator: object) -> None:
-    """The errors :func:`~dropkit.functional._common.resolve_key` raises for these arguments,
-    without resolving a key: at most one of the two, ``seed`` an int in ``[-2**63, 2**64)`` or an
-    int64 key of shape ``(3,)``, ``generator`` a :class:`torch.Generator`."""
+    """Refuse bad randomness arguments, without resolving a key: at most one of the two, ``seed``
+    an int in ``[-2**63, 2**64)`` or an int64 key of shape ``(3,)``, ``generator`` a
+    :class:`torch.Generator`."""
     if seed is None and generator is None:
         return
     if seed is not None and generator is not None:
