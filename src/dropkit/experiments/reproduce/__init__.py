@@ -1,0 +1,1 @@
+"""``dropkit reproduce``: the published claims about dropout, reproduced on one command."""
