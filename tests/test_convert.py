@@ -870,9 +870,15 @@ def test_timm_resnet_with_drop_rates() -> None:
     report = dropkit.convert(model, example_inputs=x)
     assert report.replaced
     assert all(item.new_class == "dropkit.nn.DropPath" for item in report.replaced)
-    # timm's resnet builds DropBlock2d with fast=True: no faithful equivalent, so skipped.
+    # timm's DropBlock2d has no faithful dropkit equivalent in either version: older timm builds
+    # it with fast=True; timm 1.0.31 has a rewritten one (one mask shared across channels, block
+    # centres anywhere; attributes couple_channels, scale_by_keep) that convert does not know.
     assert report.skipped
-    assert all("fast=True" in skip.reason for skip in report.skipped)
+    assert all(skip.module_class == "timm.layers.drop.DropBlock2d" for skip in report.skipped)
+    assert all(
+        "fast=True" in skip.reason or "differ from the known version" in skip.reason
+        for skip in report.skipped
+    )
     assert report.functional_calls  # the head's F.dropout(x, p=drop_rate)
     with torch.no_grad():
         assert torch.equal(model(x), before)
@@ -925,4 +931,4 @@ def test_torchvision_models(name: str) -> None:
     model.train()
     model(x).sum().backward()
     assert _grads_finite(model)
-    assert math.isfinite(float(model(x).sum()))
+    assert math.isfinite(float(model(x).sum().detach()))
