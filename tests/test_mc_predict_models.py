@@ -15,7 +15,14 @@ from torch import nn
 import dropkit
 from dropkit.mc.mode import mc_dropout
 from dropkit.mc.plan import MCPlan, PeakMemoryMeter
-from dropkit.mc.sampling import DEFAULT_MEMORY_BUDGET, iter_mc_samples, last_plan, mc_predict
+from dropkit.mc.sampling import (
+    DEFAULT_CPU_MEMORY_BUDGET,
+    DEFAULT_MEMORY_BUDGET,
+    default_memory_budget,
+    iter_mc_samples,
+    last_plan,
+    mc_predict,
+)
 from dropkit.mc.streaming import MCSummary
 
 # -- plain-torch stand-ins ---------------------------------------------------------------------
@@ -176,13 +183,28 @@ def test_default_chunk_is_as_large_as_the_budget_allows(name: str) -> None:
     assert largest <= plan.peak_bytes <= 8 * largest  # the peak: a few activations, not their sum
     assert plan.chunks == (samples,)
     assert plan.measured
-    # The default budget holds these small models whole as well.
+    # Without a budget, inputs on the CPU get the CPU default, in chunks as large as it allows.
     mc_predict(model, x, T=samples, seed=0, trunk=None)
     default = last_plan()
     assert default is not None
-    assert default.chunks == (samples,)
-    assert default.memory_budget == DEFAULT_MEMORY_BUDGET
-    assert str(default).startswith("no trunk (trunk=None); chunks of 50; peak ")
+    assert default.memory_budget == DEFAULT_CPU_MEMORY_BUDGET
+    chunk = min(samples, DEFAULT_CPU_MEMORY_BUDGET // plan.peak_bytes)
+    assert chunk >= 10  # these small models: a few chunks at most
+    assert default.chunks[0] == chunk
+    assert sum(default.chunks) == samples
+    assert str(default).startswith(f"no trunk (trunk=None); chunks of {chunk}")
+
+
+def test_default_budget_depends_on_the_device_of_the_inputs() -> None:
+    assert default_memory_budget("cpu") == DEFAULT_CPU_MEMORY_BUDGET == 32 * 1024 * 1024
+    assert default_memory_budget(torch.device("cuda", 1)) == DEFAULT_MEMORY_BUDGET == 256 * 1024 * 1024
+    assert default_memory_budget("meta") == DEFAULT_MEMORY_BUDGET
+    # A model without tensor inputs or parameters runs on the CPU.
+    model = nn.Sequential(nn.Dropout(0.5))
+    mc_predict(model, torch.ones(2, 3), T=3, seed=0)
+    plan = last_plan()
+    assert plan is not None
+    assert plan.memory_budget == DEFAULT_CPU_MEMORY_BUDGET
 
 
 def test_a_chunk_of_k_samples_peaks_at_k_times_the_measured_peak() -> None:

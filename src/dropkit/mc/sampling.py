@@ -101,12 +101,41 @@ from dropkit.mc.selection import AttentionRate, SelectorSpec
 from dropkit.mc.streaming import MCSummary
 from dropkit.mc.trunk import TrunkSplit, split_trunk, user_trunk
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "iter_mc_samples", "last_plan", "mc_predict"]
+__all__ = [
+    "DEFAULT_CPU_MEMORY_BUDGET",
+    "DEFAULT_MEMORY_BUDGET",
+    "default_memory_budget",
+    "iter_mc_samples",
+    "last_plan",
+    "mc_predict",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
-"""Bytes of tensor storage per batched forward when neither ``chunk_size`` nor ``memory_budget`` is given."""
+"""Bytes of tensor storage per batched forward on an accelerator when neither ``chunk_size`` nor
+``memory_budget`` is given."""
+DEFAULT_CPU_MEMORY_BUDGET = 32 * 1024 * 1024
+"""The same default on the CPU: there a chunk whose activations outgrow the caches runs slower
+than smaller chunks (benchmarks/RESULTS.md: Hugging Face ViT and BERT, T = 50, 1.4x faster at
+32 MiB than at 256 MiB; small models unchanged)."""
+
+
+def default_memory_budget(device: torch.device | str) -> int:
+    """The default ``memory_budget`` of :func:`mc_predict` for inputs on ``device``:
+    :data:`DEFAULT_CPU_MEMORY_BUDGET` on the CPU, :data:`DEFAULT_MEMORY_BUDGET` elsewhere."""
+    return DEFAULT_CPU_MEMORY_BUDGET if torch.device(device).type == "cpu" else DEFAULT_MEMORY_BUDGET
+
+
+def _input_device(model: nn.Module, leaves: list[Any]) -> torch.device:
+    """The device the forward runs on: the first tensor input's, else the first parameter's."""
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
 
 Transform = Union[  # noqa: UP007 - a runtime alias on 3.10
     Literal["softmax", "log_softmax", "sigmoid"], Callable[[torch.Tensor], torch.Tensor], None
@@ -516,7 +545,11 @@ def _prepare(
     if chunk_size is not None and memory_budget is not None:
         raise ValueError("pass at most one of chunk_size and memory_budget, got both")
     chunk = None if chunk_size is None else _positive_int(chunk_size, "chunk_size")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else _positive_int(memory_budget, "memory_budget")
+    budget = (
+        default_memory_budget(_input_device(model, inputs.leaves))
+        if memory_budget is None
+        else _positive_int(memory_budget, "memory_budget")
+    )
     if not (trunk is None or trunk == "auto" or callable(trunk)):
         raise ValueError(f"trunk must be 'auto', None or a callable, got {trunk!r}")
     if callable(trunk) != (head is not None):
@@ -760,7 +793,8 @@ def mc_predict(
         T: number of samples, ``>= 1``.
         chunk_size: samples per batched forward (``1`` = a loop over samples).
         memory_budget: bytes of tensor storage per batched forward, used instead of
-            ``chunk_size``; default 256 MiB when neither is given.  The chunk is the largest
+            ``chunk_size``; when neither is given, 32 MiB for inputs on the CPU, 256 MiB on an
+            accelerator (:func:`default_memory_budget`).  The chunk is the largest
             ``k`` with ``k`` times the measured peak of one sample within the budget.
         seed: the seed of the samples (any int); ``None`` draws one from dropkit's global seed
             (:func:`dropkit.manual_seed`), fresh at each call.
