@@ -38,6 +38,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from dropkit._validation import check_nonnegative, check_probability
 from dropkit.engine import reference
@@ -66,6 +67,7 @@ __all__ = [
 ]
 
 _FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
+
 _REPLAYING: ContextVar[bool] = ContextVar("dropkit_replaying_a_mask", default=False)
 
 #: A rate as ops take it: a float, or a one-element floating-point tensor read when the op runs.
@@ -229,6 +231,17 @@ class RateOp:
         class Eager(torch.autograd.Function):
             # The options travel as one tuple: apply() pays per argument.  setup_context style,
             # with jvp and vmap rules, so that the torch.func transforms can run it.
+            @classmethod
+            def apply(cls, *args: Any) -> Any:
+                # torch's apply binds the arguments to forward's signature on every call
+                # (inspect.signature: a third of a small call's host time) because a
+                # setup_context-style forward may have defaults; this one has none, so outside
+                # the torch.func transforms the C++ apply runs directly.
+                if torch._C._are_functorch_transforms_active():
+                    return super().apply(*args)
+                # super past torch.autograd.Function: the C++ apply of torch._C._FunctionBase.
+                return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))  # type: ignore[misc]
+
             @staticmethod
             def forward(
                 x: torch.Tensor, key: torch.Tensor, rate: Rate, options: tuple[Any, ...]
