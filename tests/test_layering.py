@@ -21,6 +21,7 @@ LAYERS = {
     "ops": 3,
     "functional": 4,
     "nn": 5,
+    "distributed": 5,
     "schedules": 6,
     "mc": 6,
     "metrics": 6,

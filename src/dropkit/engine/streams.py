@@ -5,7 +5,8 @@ The mask engine turns ``(key, element index)`` into random bits with Philox4x32-
 names one mask exactly, on any device and however the work is split.
 
 * ``seed`` is the global seed set by :func:`manual_seed` (folded with the distributed rank by
-  default, see :func:`share_masks_across_ranks`), or a seed given per call.
+  default, see :func:`share_masks_across_ranks` and :mod:`dropkit.distributed`, whose mask
+  domains choose which ranks are folded), or a seed given per call.
 * ``stream`` identifies the owner of the draws: each dropkit module receives the next stream id
   when it is built, so ``manual_seed(s)`` followed by building and running a model reproduces the
   same masks in any process.
@@ -39,10 +40,14 @@ __all__ = [
     "functional_step",
     "functional_step_as",
     "element_key",
+    "fold_seed",
+    "folded_ranks",
     "initial_seed",
     "make_key",
     "manual_seed",
     "masks_shared_across_ranks",
+    "rank_fold",
+    "rank_fold_domain",
     "register_step_owner",
     "seed_tensor",
     "share_masks_across_ranks",
@@ -218,17 +223,86 @@ def _distributed_rank() -> int:
     return 0
 
 
+# The rank numbers folded into the seed in this thread, set by rank_fold (dropkit.distributed's
+# mask domains); unset: the global rank.  A threading.local, not a ContextVar: a compiled forward
+# reads it while it is traced, and dynamo guards on a thread-local's attributes (it cannot trace
+# ContextVar.get).
+_RANK_FOLD = threading.local()
+_RANK_MULTIPLIER = 0xD1B54A32D192ED03
+_POSITION_SALT = 0x9E3779B97F4A7C15
+
+
+def _fold(base: int, ranks: tuple[int, ...]) -> int:
+    for position, rank in enumerate(ranks):
+        if rank:
+            salt = (rank * _RANK_MULTIPLIER + position * _POSITION_SALT) % _UINT64
+            base = _to_int64(_splitmix64((base % _UINT64) ^ salt))
+    return base
+
+
+def fold_seed(seed: int, ranks: tuple[int, ...]) -> int:
+    """``seed`` folded with the rank numbers ``ranks``, as :func:`effective_seed` folds it.
+
+    Each nonzero ``ranks[i]`` mixes ``ranks[i] * 0xD1B54A32D192ED03 + i * 0x9E3779B97F4A7C15``
+    into the seed with SplitMix64, in order; zeros leave it unchanged.  So ``fold_seed(s, (0,))``
+    is ``s`` and ``fold_seed(s, (rank,))`` is what the global rank ``rank`` draws with by default:
+    a single process can rebuild the masks of any rank.
+    """
+    base = _check_seed(seed)
+    return _fold(base, _check_ranks(ranks))
+
+
+def _check_ranks(ranks: object) -> tuple[int, ...]:
+    if not isinstance(ranks, tuple) or not all(
+        isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0 for rank in ranks
+    ):
+        raise TypeError(f"ranks must be a tuple of ints >= 0, got {ranks!r}")
+    return ranks
+
+
+@contextlib.contextmanager
+def rank_fold(ranks: tuple[int, ...], domain: object = None) -> Iterator[None]:
+    """Context manager: fold exactly ``ranks`` (a tuple of rank numbers, possibly empty) into the
+    seed of the draws made inside it in this thread, instead of the global rank.
+
+    The low-level hook of :mod:`dropkit.distributed`, whose mask domains compute ``ranks`` from
+    process groups; ``domain`` is what they record to nest (see :func:`rank_fold_domain`).
+    :func:`share_masks_across_ranks` still wins: it folds nothing.
+    """
+    ranks = _check_ranks(ranks)
+    previous = getattr(_RANK_FOLD, "ranks", None), getattr(_RANK_FOLD, "domain", None)
+    _RANK_FOLD.ranks, _RANK_FOLD.domain = ranks, domain
+    try:
+        yield
+    finally:
+        _RANK_FOLD.ranks, _RANK_FOLD.domain = previous
+
+
+def rank_fold_domain() -> object:
+    """The ``domain`` given to the innermost active :func:`rank_fold` of this thread, or ``None``."""
+    return getattr(_RANK_FOLD, "domain", None)
+
+
+def folded_ranks() -> tuple[int, ...]:
+    """The rank numbers that :func:`effective_seed` folds into the seed here: ``()`` under
+    :func:`share_masks_across_ranks`, those of the innermost :func:`rank_fold`, else the global
+    rank (``(0,)`` in a single process)."""
+    if _STATE.share_across_ranks:
+        return ()
+    ranks: tuple[int, ...] | None = getattr(_RANK_FOLD, "ranks", None)
+    return (_distributed_rank(),) if ranks is None else ranks
+
+
 def effective_seed(seed: int | None = None) -> int:
     """The seed that keys are made of: the global (or given) seed folded with the rank.
 
     Rank 0, a single process, and :func:`share_masks_across_ranks` leave the seed unchanged;
-    any other rank mixes its number into the seed with SplitMix64.
+    any other rank mixes its number into the seed with SplitMix64 (see :func:`fold_seed`).
+    Inside a mask domain of :mod:`dropkit.distributed` the rank numbers folded are the domain's
+    (:func:`folded_ranks`).
     """
     base = _STATE.seed if seed is None else _check_seed(seed)
-    rank = _distributed_rank()
-    if rank == 0 or _STATE.share_across_ranks:
-        return base
-    return _to_int64(_splitmix64((base % _UINT64) ^ (rank * 0xD1B54A32D192ED03 % _UINT64)))
+    return _fold(base, folded_ranks())
 
 
 def make_key(

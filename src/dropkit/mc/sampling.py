@@ -72,6 +72,19 @@ inputs (keyword inputs are mapped onto the forward's parameters when the signatu
 tensor or a pytree of batch-first tensors, ``head`` takes it as its one argument, and
 ``head(trunk(...))`` must equal ``model(...)``; both must use the model's own submodules, whose
 dropout the MC mode turns on.
+
+**Distributed.**  ``mc_predict(..., group=g)`` is called by every rank of the process group
+``g`` with the same model, inputs and arguments.  Rank ``i`` of ``n`` computes the samples
+``T*i//n .. T*(i+1)//n - 1`` (the per-sample keys above are those of a single process, whatever
+the rank: masks are not folded with it), so ``reduce=None`` gathers the samples of the single
+process for the same ``seed``, bit for bit where the forward's arithmetic does not depend on
+the chunk shapes (give ``chunk_size`` a value that divides every rank's share, or 1, when the
+model has matrix products whose rounding depends on the batch size); ``"mean"`` and
+``"stats"`` merge the ranks' streaming statistics (Chan's formula, sums and votes), equal to the
+single-process ones up to float64 rounding.  Every rank gets the whole result.  ``seed=None``
+takes group rank 0's seed.  To split the *data* instead, give each rank its own batches
+and no ``group``: a sample's masks cover the whole activation of the batch, so cutting one
+batch into rows would change them.
 """
 
 from __future__ import annotations
@@ -517,6 +530,7 @@ class _Options:
     trunk: Any
     head: Callable[..., Any] | None
     selection: tuple[SelectorSpec, SelectorSpec, AttentionRate]
+    first_sample: int = 0  # the index of the first sample computed (a rank's share of T)
 
 
 def _prepare(
@@ -631,7 +645,7 @@ def _sample(
         reason = "trunk=None"
 
     def forward(first: int, count: int) -> Chunk:
-        with handle.sampling(options.seed, first, count):
+        with handle.sampling(options.seed, options.first_sample + first, count):
             if split is not None:
                 output = split.run_head(handle, count)
             elif options.head is not None:
@@ -773,6 +787,7 @@ def mc_predict(
     include: SelectorSpec = None,
     exclude: SelectorSpec = None,
     attention_p: AttentionRate = None,
+    group: torch.distributed.ProcessGroup | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
@@ -816,8 +831,13 @@ def mc_predict(
         include: modules to turn on (see :func:`dropkit.mc.mode.mc_dropout`).
         exclude: modules to keep deterministic.
         attention_p: rate rule for SDPA calls made with ``dropout_p=0``.
+        group: a ``torch.distributed`` process group whose ranks share the work: every rank of
+            it calls ``mc_predict`` with the same model, inputs and arguments, computes a
+            contiguous share of the ``T`` samples (``T`` must be at least the group's size), and
+            gets the whole result (see *Distributed* in :mod:`dropkit.mc.sampling`); ``None``:
+            this process computes everything.
         model_kwargs: more keyword inputs of the model, for names that ``mc_predict`` itself
-            takes (``seed``, ``output``, ``T``, ...).
+            takes (``seed``, ``output``, ``T``, ``group``, ...).
         **kwargs: the model's keyword inputs (``input_ids=``, ``attention_mask=``; pytrees,
             tensors batch first).
 
@@ -828,10 +848,11 @@ def mc_predict(
 
     Raises:
         TypeError: ``model`` is not a module, ``T`` is missing, the inputs hold no tensor, or an
-            argument has the wrong type.
+            argument has the wrong type (``group`` not a process group included).
         ValueError: ``T``, ``chunk_size`` or ``memory_budget`` below 1, both of the last two
             given, a tensor input or output without the batch on dim 0, a bad ``reduce`` /
-            ``transform`` or an ``output`` key that is not there.
+            ``transform``, an ``output`` key that is not there, or with ``group``, ``T`` below
+            the group's size or a group without this process.
 
     Examples::
 
@@ -875,6 +896,21 @@ def mc_predict(
         attention_p=attention_p, model_kwargs=model_kwargs,
     )  # fmt: skip
     is_probability = (options.transform == "softmax") if probabilities is None else probabilities
+    counts: list[int] = []
+    if group is not None:
+        from dropkit.distributed import collectives  # late: only distributed calls pay its imports
+
+        ranks = collectives.check_group(group)
+        if options.samples < len(ranks):
+            raise ValueError(
+                f"T must be at least the number of ranks of group ({len(ranks)}) to split the samples "
+                f"across them, got {options.samples}"
+            )
+        shares = [collectives.split_range(options.samples, i, len(ranks)) for i in range(len(ranks))]
+        counts = [stop - start for start, stop in shares]
+        mine = ranks.index(torch.distributed.get_rank())
+        options.seed = collectives.broadcast_seed(options.seed, group)  # a drawn seed differs per rank
+        options.first_sample, options.samples = shares[mine][0], counts[mine]
     first: list[Any] | None = None
     structure: TreeSpec | None = None
     gathered: dict[int, list[torch.Tensor]] = {}
@@ -906,6 +942,21 @@ def mc_predict(
                 summaries[index].update(leaves[index])
     if first is None or structure is None:  # T >= 1 always gives a chunk
         raise RuntimeError("mc_predict computed no samples")
+    if group is not None:
+        from dropkit.distributed import collectives
+
+        if reduce is None:
+            gathered = {
+                index: [collectives.all_gather_rows(torch.cat(chunks), counts, group)]
+                for index, chunks in gathered.items()
+            }
+        else:  # every rank merges every rank's statistics, in rank order: the same result
+            stats = is_probability and reduce == "stats"
+            merged = {index: MCSummary(probabilities=stats) for index in summaries}
+            for parts in collectives.all_gather_objects(summaries, group):
+                for index, part in parts.items():
+                    merged[index].merge(part)
+            summaries = merged
     result: list[Any] = list(first)
     for index in gathered:
         if reduce is None:

@@ -202,6 +202,31 @@ class MCSummary:
             self._votes = votes if self._votes is None else self._votes + votes
         return self
 
+    def merge(self, other: MCSummary) -> MCSummary:
+        """Merge the summary of another stream of samples (another rank's share of ``T``) into
+        this one: moments by Chan's formula, entropy sums and votes added.
+
+        Args:
+            other: an :class:`MCSummary` with the same ``probabilities`` setting, of samples of
+                the same shape.
+
+        Returns:
+            This object, updated.
+        """
+        if not isinstance(other, MCSummary):
+            raise TypeError(f"other must be an MCSummary, got {type(other).__name__}")
+        if other.probabilities != self.probabilities:
+            raise ValueError(
+                f"other must have probabilities={self.probabilities} like this summary, got "
+                f"probabilities={other.probabilities}"
+            )
+        self.moments.merge(other.moments)
+        for name in ("_entropy_sum", "_votes"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.clone() if mine is None else mine + theirs.to(mine.device))
+        return self
+
     @property
     def count(self) -> int:
         """Number of samples seen (T)."""
