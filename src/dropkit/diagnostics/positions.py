@@ -2,20 +2,20 @@
 
 The ranges are the field's rules of thumb (drop probabilities):
 
-============== ============ ========= =========================================================
-position       usual range  default   source
-============== ============ ========= =========================================================
-``input``      0.0 - 0.2    0.2       Srivastava et al. 2014: retain 0.8 for input units
-``dense``      0.3 - 0.5    0.5       Srivastava et al. 2014, Hinton et al. 2012: 0.5 hidden
-``conv``       0.1 - 0.3    0.1       Srivastava et al. 2014 (conv layers retained at 0.75 -
-                                      0.9); Tompson et al. 2015 (spatial dropout)
-``recurrent``  0.2 - 0.5    0.2       Gal & Ghahramani 2016 (masks tied over time)
-``transformer`` 0.1 - 0.3   0.1       Vaswani et al. 2017: P_drop = 0.1 (0.3, big EN-DE)
-``attention``  0.1 - 0.3    0.1       Vaswani et al. 2017 (the same rate on attention weights)
-``drop_path``  0.0 - 0.5    0.1       Huang et al. 2016: survival falls linearly to 0.5 at
-                                      the last block
-``unknown``    0.0 - 0.5    0.5       the widest usual range (0.5, the classic hidden rate)
-============== ============ ========= =========================================================
+=============== ============ ========= =========================================================
+position        usual range  default   source
+=============== ============ ========= =========================================================
+``input``       0.0 - 0.2    0.2       Srivastava et al. 2014: retain 0.8 for input units
+``dense``       0.3 - 0.5    0.5       Srivastava et al. 2014, Hinton et al. 2012: 0.5 hidden
+``conv``        0.1 - 0.3    0.1       Srivastava et al. 2014 (conv layers retained at 0.75 -
+                                       0.9); Tompson et al. 2015 (spatial dropout)
+``recurrent``   0.2 - 0.5    0.2       Gal & Ghahramani 2016 (masks tied over time)
+``transformer`` 0.1 - 0.3    0.1       Vaswani et al. 2017: P_drop = 0.1 (0.3, big EN-DE)
+``attention``   0.1 - 0.3    0.1       Vaswani et al. 2017 (the same rate on attention weights)
+``drop_path``   0.0 - 0.5    0.1       Huang et al. 2016: survival falls linearly to 0.5 at
+                                       the last block
+``unknown``     0.0 - 0.5    0.5       the widest usual range (0.5, the classic hidden rate)
+=============== ============ ========= =========================================================
 
 The output layer gets no dropout (rate 0; rule ``DK102``).  A site's position is read from
 what feeds it and what it feeds (see :mod:`dropkit.diagnostics.flow`), first match wins:

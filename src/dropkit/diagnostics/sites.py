@@ -75,13 +75,13 @@ class DropoutSite:
 
     @property
     def label(self) -> str:
-        """How reports name the site: the module path, plus the function for a functional call."""
+        """How reports name the site (the module path, plus the function for a functional call)."""
         where = self.path if self.path else "(model)"
         return where if self.kind == "module" else f"{where} [{self.name.rsplit('.', 1)[-1]}]"
 
     @property
     def active(self) -> bool:
-        """Whether the site can drop anything: its rate is positive or unknown."""
+        """Whether the site can drop anything (its rate is positive or unknown)."""
         return self.rate is None or self.rate > 0.0
 
 

@@ -273,7 +273,6 @@ class MCDropoutHandle:
 
     Attributes:
         model: the model in MC mode.
-        modules: the qualified names of the sites that act (see :attr:`modules`).
         intercepted_calls: functional dropout and attention-dropout calls turned on so far
             (calls with rate 0 are not counted).
         ops: stochastic ops run so far (layers, intercepted calls); zero-rate sites are not ops.

@@ -55,7 +55,7 @@ class CalibrationError(NamedTuple):
 
     #: 0-d tensor, in ``[0, 1]``.
     value: torch.Tensor
-    #: Bins used: ``n_bins`` for uniform binning, the non-empty merged bins for adaptive binning.
+    #: Bins used (``n_bins`` for uniform binning, the non-empty merged bins for adaptive binning).
     n_bins: int
 
 

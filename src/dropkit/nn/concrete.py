@@ -39,21 +39,21 @@ def _check_positive(value: object, name: str) -> float:
 def concrete_regularizers(
     length_scale: float, num_train: int, *, precision: float = 1.0, y_std: float = 1.0
 ) -> tuple[float, float]:
-    r"""The regularizer weights of Gal et al.: :math:`(l^2 / (	au_s N),\ 2 / (	au_s N))`.
+    r"""The regularizer weights of Gal et al.: :math:`(l^2 / (\tau_s N),\ 2 / (\tau_s N))`.
 
-    With the defaults (:math:`	au_s = 1`) these are the paper's :math:`(l^2 / N,\ 2 / N)`, to
+    With the defaults (:math:`\tau_s = 1`) these are the paper's :math:`(l^2 / N,\ 2 / N)`, to
     add to a loss that is twice the per-point negative log-likelihood.  For a regression loss in
     mean squared error units, divide by the model precision: a Gaussian likelihood of
-    precision :math:`	au` (``precision``, in the units of the original targets) fitted to
+    precision :math:`\tau` (``precision``, in the units of the original targets) fitted to
     targets standardized by their std :math:`\sigma_y` (``y_std``) has precision
-    :math:`	au_s = 	au \sigma_y^2` in the standardized units, and
-    ``MSE + regularization`` is then the per-point negative ELBO times :math:`2/	au_s` (see
+    :math:`\tau_s = \tau \sigma_y^2` in the standardized units, and
+    ``MSE + regularization`` is then the per-point negative ELBO times :math:`2/\tau_s` (see
     :mod:`dropkit.experiments.uci.concrete`).
 
     Args:
         length_scale: prior length-scale :math:`l > 0` of the weights.
         num_train: number of training points :math:`N \ge 1`.
-        precision: model precision :math:`	au > 0` of a Gaussian likelihood. Default: 1.0
+        precision: model precision :math:`\tau > 0` of a Gaussian likelihood. Default: 1.0
         y_std: std :math:`\sigma_y > 0` by which the targets were standardized. Default: 1.0
 
     Returns:
@@ -194,7 +194,7 @@ class ConcreteDropout(_RandomLayer):
 
     @property
     def layer(self) -> nn.Linear | _ConvNd:
-        """Deprecated alias of :attr:`module` (the wrapped layer), for one release."""
+        """Deprecated alias of ``module`` (the wrapped layer), for one release."""
         warn_deprecated("ConcreteDropout.layer is deprecated; use ConcreteDropout.module")
         return self.module
 

@@ -153,7 +153,7 @@ class StochasticDepth(_ProbabilityRate, _RandomLayer):
 
     @property
     def block(self) -> nn.Module:
-        """Deprecated alias of :attr:`module` (the residual branch), for one release."""
+        """Deprecated alias of ``module`` (the residual branch), for one release."""
         warn_deprecated("StochasticDepth.block is deprecated; use StochasticDepth.module")
         return self.module
 

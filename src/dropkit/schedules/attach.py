@@ -239,7 +239,7 @@ class ScheduledRates:
 
     @property
     def optimizer_steps(self) -> int:
-        """Optimizer steps taken so far: the step at which the schedules are evaluated."""
+        """Optimizer steps taken so far (the step at which the schedules are evaluated)."""
         return self._optimizer_steps
 
     @property
