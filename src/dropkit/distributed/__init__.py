@@ -38,7 +38,7 @@ Data parallel x tensor parallel, 4 ranks on a ``(dp=2, tp=2)`` mesh, one model r
                                                               a[:, :H/2] a[:, H/2:] on ranks
                                                               0, 1; c[:, :H/2] c[:, H/2:] on 2, 3
     everything shared          rank_masks()                   a a a a
-    DP rank only               rank_masks(dp_group)           a a c c   (same as replicated(tp))
+    DP rank only               rank_masks(dp_group)           a a b b   (replica 1 folds DP rank 1: b)
 
 This is the semantics of Megatron-LM's RNG tracker (a default stream shared by the TP peers and
 a ``model-parallel-rng`` stream that differs per TP rank), without its global state: a region
