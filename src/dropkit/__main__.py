@@ -11,6 +11,10 @@ Subcommands:
 * ``sparse-vd``: sparse variational dropout, LeNet-300-100 on MNIST read from ``--data DIR``
   (:mod:`dropkit.experiments.sparse_vd_mnist`; also ``python -m
   dropkit.experiments.sparse_vd_mnist``, same help).
+* ``reproduce``: published claims about dropout reproduced, one experiment or ``all``, with
+  a combined report (``OUTPUT/index.html``, ``README.md``, ``results.json``;
+  :mod:`dropkit.experiments.reproduce`; also ``python -m dropkit.experiments.reproduce.cli``,
+  same help).
 
 Each subcommand is registered by one ``_add_<command>(commands)`` function that creates its
 sub-parser (one line of ``help`` for ``dropkit --help``, the full description for
@@ -33,6 +37,7 @@ from dropkit.diagnostics.cli import add_doctor_parser
 from dropkit.experiments import _cli, digits, sparse_vd_mnist
 from dropkit.experiments._console import format_duration
 from dropkit.experiments._files import prepare_output_file
+from dropkit.experiments.reproduce import cli as reproduce_cli
 from dropkit.experiments.uci import cli as uci_cli
 
 __all__ = ["build_parser", "main"]
@@ -59,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_uci(commands)
     _add_sparse_vd(commands)
+    _add_reproduce(commands)
     _add_doctor(commands)
     return parser
 
@@ -136,6 +142,14 @@ def _add_sparse_vd(commands: _Commands) -> None:
     sparse_vd = commands.add_parser("sparse-vd", help=sparse_vd_mnist.SUMMARY)
     sparse_vd_mnist.build_parser(sparse_vd)
     sparse_vd.set_defaults(func=lambda args: sparse_vd_mnist.run(args, prog="dropkit sparse-vd"))
+
+
+def _add_reproduce(commands: _Commands) -> None:
+    """Register ``dropkit reproduce`` (arguments, description and help of
+    :func:`dropkit.experiments.reproduce.cli.build_parser`)."""
+    reproduce = commands.add_parser("reproduce", help=reproduce_cli.SUMMARY)
+    reproduce_cli.build_parser(reproduce)
+    reproduce.set_defaults(func=reproduce_cli.run)
 
 
 def _error(message: object, status: int = 2) -> int:

@@ -146,6 +146,9 @@ class Summary:
         notes: protocol and deviations from the publication (data, epochs, sizes), one
             sentence each.
         metrics: headline numbers for ``results.json`` (name -> number or [mean, se]).
+        ours: optional; our headline number(s) with error bars, as short text, for the "ours"
+            column of the report's overview beside :attr:`Claim.published`
+            (``"1.31 % ± 0.04 %"``); when empty the overview shows the verdict's text.
     """
 
     verdict: Verdict
@@ -153,6 +156,7 @@ class Summary:
     figures: Sequence[Figure] = ()
     notes: Sequence[str] = ()
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    ours: str = ""
 
 
 @dataclass(frozen=True)
