@@ -63,7 +63,8 @@ from torch import nn
 
 import dropkit
 from dropkit.diagnostics.adaptive_l2 import dropout_penalty
-from dropkit.experiments._console import Progress, format_mean_se, format_number
+from dropkit.experiments._console import Progress, format_number
+from dropkit.experiments.reproduce import _stats
 from dropkit.experiments.reproduce.api import (
     Claim,
     Experiment,
@@ -440,28 +441,19 @@ def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error over seeds (``std(ddof=1)/sqrt(n)``; NaN for one seed)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return _stats.mean_se(values, summation="sum")
 
 
-def _seeds(n: int) -> str:
-    return f"{n} seed{'s' if n != 1 else ''}"
+_seeds = _stats.seeds
 
 
 def _cell(values: Sequence[float], scale: float = 1.0) -> str:
-    mean, se = _mean_se([v * scale for v in values])
-    if math.isnan(se):
-        return format_number(mean)
     # Identical values across seeds (the same data, a deterministic fit) differ by rounding only.
-    return format_mean_se(mean, 0.0 if se <= 1e-9 * max(1.0, abs(mean)) else se)
+    return _stats.format_cell(values, scale=scale, zero_se_below=1e-9, summation="sum")
 
 
 def _json_pair(values: Sequence[float]) -> list[float | None]:
-    mean, se = _mean_se(values)
-    return [mean, None if math.isnan(se) else se]
+    return _stats.json_pair(values, summation="sum")
 
 
 def _values(results: Sequence[Mapping[str, Any]], task: str, model: str, field: str) -> list[float]:

@@ -41,7 +41,8 @@ from torch import nn
 
 import dropkit
 from dropkit.diagnostics.activations import measure_activations
-from dropkit.experiments._console import Progress, format_mean_se, format_number
+from dropkit.experiments._console import Progress, format_number
+from dropkit.experiments.reproduce import _stats
 from dropkit.experiments.reproduce.api import (
     Claim,
     Experiment,
@@ -340,29 +341,19 @@ def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error over seeds (``std(ddof=1)/sqrt(n)``; NaN for one seed)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return _stats.mean_se(values, summation="sum")
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' if n != 1 else ''}"
-
-
-def _seeds(n: int) -> str:
-    return _count(n, "seed")
+_count = _stats.count
+_seeds = _stats.seeds
 
 
 def _cell(values: Sequence[float], scale: float = 1.0) -> str:
-    mean, se = _mean_se([v * scale for v in values])
-    return format_number(mean) if math.isnan(se) else format_mean_se(mean, se)
+    return _stats.format_cell(values, scale=scale, summation="sum")
 
 
 def _json_pair(values: Sequence[float]) -> list[float | None]:
-    mean, se = _mean_se(values)
-    return [mean, None if math.isnan(se) else se]
+    return _stats.json_pair(values, summation="sum")
 
 
 def _worst(profile: Mapping[str, Sequence[float]]) -> tuple[float, float]:

@@ -35,7 +35,8 @@ from torch import nn
 
 import dropkit
 from dropkit.diagnostics.activations import activation_summary
-from dropkit.experiments._console import format_mean_se, format_number
+from dropkit.experiments._console import format_number
+from dropkit.experiments.reproduce import _stats
 from dropkit.experiments.reproduce.api import (
     Claim,
     Experiment,
@@ -47,6 +48,7 @@ from dropkit.experiments.reproduce.api import (
 )
 from dropkit.experiments.reproduce.data import load_mnist_or_digits, subsample
 from dropkit.experiments.reproduce.mnist_mlp import (
+    ZERO_RELATIVE,
     SGDSchedule,
     data_note,
     drop_probability,
@@ -189,8 +191,7 @@ def _values(results: Sequence[Mapping[str, Any]], name: str, key: str) -> list[f
 
 
 def _format(values: Sequence[float]) -> str:
-    mean, se = mean_se(values)
-    return format_number(mean) if math.isnan(se) else format_mean_se(mean, se)
+    return _stats.format_cell(values, zero_relative=ZERO_RELATIVE)
 
 
 def verdict(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Verdict:

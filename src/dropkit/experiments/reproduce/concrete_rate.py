@@ -54,7 +54,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import dropkit
-from dropkit.experiments._console import Progress, format_mean_se, format_number
+from dropkit.experiments._console import Progress, format_number
+from dropkit.experiments.reproduce import _plots, _stats
+from dropkit.experiments.reproduce._stats import mean_se, resolved_sign
 from dropkit.experiments.reproduce.api import (
     Claim,
     Experiment,
@@ -105,26 +107,8 @@ TRACE_POINTS = 4
 SIGNIFICANCE = 2.0
 
 
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error (sample standard deviation over ``sqrt(n)``); NaN SE for one value.
-
-    Example:
-        >>> mean_se([1.0, 3.0])
-        (2.0, 1.0)
-    """
-    n = len(values)
-    if n == 0:
-        raise ValueError("values must hold at least one number, got an empty sequence")
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, math.nan
-    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
-
-
 def _cell(values: Sequence[float], digits: int = 3) -> str:
-    mean, se = mean_se(values)
-    return format_number(mean, digits) if math.isnan(se) else format_mean_se(mean, se, digits)
+    return _stats.format_cell(values, digits=digits)
 
 
 def slope(sizes: Sequence[int], values: Sequence[float]) -> float:
@@ -375,8 +359,7 @@ def verdict(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Verdict:
         return Verdict(None, f"Undecided: one seed gives no error bar. Ours: {ours}.")
     failed = []
     for name, values in zip(LAYERS, slopes, strict=True):
-        mean, se = mean_se(values)
-        if not mean + SIGNIFICANCE * se < 0.0:
+        if resolved_sign(values, significance=SIGNIFICANCE) != -1:
             failed.append(name)
     if not failed:
         return Verdict(True, f"Held: the learned p falls with N in every layer. {ours}.")
@@ -403,19 +386,12 @@ def _late_movement(results: Sequence[Mapping[str, Any]]) -> tuple[int, str, floa
     return best
 
 
-def _errorbar(ax: Any, sizes: Sequence[int], series: Sequence[Sequence[float]], label: str) -> None:
-    stats = [mean_se(values) for values in series]
-    means = [m for m, _ in stats]
-    errors = [0.0 if math.isnan(s) else s for _, s in stats]
-    ax.errorbar(sizes, means, yerr=errors, marker="o", capsize=3, label=label)
-
-
 def _draw_rates(results: Sequence[Mapping[str, Any]]) -> Any:
     def draw(fig: MplFigure) -> None:
         ax = fig.add_subplot()
         sizes = results[0]["sizes"]
         for layer, name in enumerate(LAYERS):
-            _errorbar(ax, sizes, _series(results, "p", layer), name)
+            _plots.errorbar(ax, sizes, _series(results, "p", layer), name)
         ax.axhline(INIT_P, linestyle=":", color="gray", label=f"initial p = {INIT_P}")
         ax.set_xscale("log")
         ax.set_xlabel("training-set size N")
@@ -429,8 +405,8 @@ def _draw_uncertainty(results: Sequence[Mapping[str, Any]]) -> Any:
     def draw(fig: MplFigure) -> None:
         left, right = fig.subplots(1, 2)
         sizes = results[0]["sizes"]
-        _errorbar(left, sizes, _series(results, "mutual_information"), "mutual information")
-        _errorbar(right, sizes, _series(results, "nll"), "test NLL")
+        _plots.errorbar(left, sizes, _series(results, "mutual_information"), "mutual information")
+        _plots.errorbar(right, sizes, _series(results, "nll"), "test NLL")
         for ax, label in ((left, "mean mutual information (nats)"), (right, "test NLL (nats)")):
             ax.set_xscale("log")
             ax.set_xlabel("training-set size N")
@@ -464,11 +440,11 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
     slopes = _slopes(results)
     marks = []
     for values in slopes:
-        mean, se = mean_se(values)
-        if ctx.scale == "tiny" or math.isnan(se):
+        sign = resolved_sign(values, significance=SIGNIFICANCE)
+        if ctx.scale == "tiny" or sign is None:
             marks.append("undecided")
         else:
-            marks.append("yes" if mean + SIGNIFICANCE * se < 0.0 else "no")
+            marks.append("yes" if sign == -1 else "no")
     published = Table(
         "Published vs ours: slope of p per decade of N (< 0 supports the claim)",
         ["layer", "published", "ours", "held"],
@@ -507,8 +483,7 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
         notes.append("Tiny scale: a pipeline check with a few dozen steps, not a measurement.")
     metrics: dict[str, Any] = {}
     for name, values in zip(LAYERS, slopes, strict=True):
-        mean, se = mean_se(values)
-        metrics[f"slope_p_{name.replace(' ', '_')}"] = mean if math.isnan(se) else [mean, se]
+        metrics[f"slope_p_{name.replace(' ', '_')}"] = _stats.json_metric(values)
     figures = [
         Figure(
             "learned-p-vs-n",

@@ -50,7 +50,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import dropkit
-from dropkit.experiments._console import Progress, format_mean_se, format_number
+from dropkit.experiments._console import Progress, format_number
+from dropkit.experiments.reproduce import _plots, _stats
 from dropkit.experiments.reproduce import data as image_data
 from dropkit.experiments.reproduce.api import (
     Claim,
@@ -141,16 +142,8 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
         >>> mean_se([4.0]), mean_se([0.004] * 3)
         ((4.0, nan), (0.004, 0.0))
     """
-    n = len(values)
-    if n == 0:
-        raise ValueError("values must hold at least one number, got an empty sequence")
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, math.nan
-    if all(v == values[0] for v in values):
-        return values[0], 0.0  # no rounding residue in the mean or a spurious tiny error bar
-    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
+    # Equal values: no rounding residue in the mean or a spurious tiny error bar.
+    return _stats.mean_se(values, exact_when_equal=True)
 
 
 def resolved_sign(values: Sequence[float]) -> int | None:
@@ -161,20 +154,12 @@ def resolved_sign(values: Sequence[float]) -> int | None:
         >>> resolved_sign([-0.3, -0.4, -0.5]), resolved_sign([0.3, -0.4]), resolved_sign([1.0])
         (-1, 0, None)
     """
-    mean, se = mean_se(values)
-    if math.isnan(se):
-        return None
-    if mean + SIGNIFICANCE * se < 0:
-        return -1
-    if mean - SIGNIFICANCE * se > 0:
-        return 1
-    return 0
+    return _stats.resolved_sign(values, significance=SIGNIFICANCE, exact_when_equal=True)
 
 
 def _format(values: Sequence[float], scale: float = 100.0) -> str:
     """``mean ± SE`` of ``scale * values`` (just the mean for one value)."""
-    mean, se = mean_se([scale * v for v in values])
-    return format_number(mean) if math.isnan(se) else format_mean_se(mean, se)
+    return _stats.format_cell(values, scale=scale, exact_when_equal=True)
 
 
 def check(
@@ -674,18 +659,13 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
 
 def _pair(values: Sequence[float]) -> list[float | None]:
     """``[mean, se]`` for ``results.json`` (``None`` for an SE that one seed cannot give)."""
-    mean, se = mean_se(values)
-    return [mean, None if math.isnan(se) else se]
+    return _stats.json_pair(values, exact_when_equal=True)
 
 
 def _held(held: bool | None, tiny: bool) -> str:
     if tiny:
         return "undecided (tiny)"
     return {True: "yes", False: "no", None: "undecided"}[held]
-
-
-def _error_bars(stats: Sequence[tuple[float, float]]) -> list[float]:
-    return [0.0 if math.isnan(se) else se for _, se in stats]
 
 
 def _draw_bars(
@@ -706,7 +686,7 @@ def _draw_bars(
         )
         for axes, labels, values, ylabel in panels:
             positions = range(len(labels))
-            axes.bar(positions, [m for m, _ in values], yerr=_error_bars(values), capsize=3)
+            axes.bar(positions, [m for m, _ in values], yerr=_plots.bar_heights(values), capsize=3)
             axes.set_xticks(positions, labels, rotation=40, ha="right")
             axes.set_ylabel(ylabel)
         right.axhline(1.0, color="gray", linewidth=0.8)

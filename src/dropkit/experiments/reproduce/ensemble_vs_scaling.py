@@ -31,7 +31,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dropkit.diagnostics.ensemble_gap import measure_ensemble_gap
-from dropkit.experiments._console import format_mean_se, format_number
+from dropkit.experiments._console import format_number
+from dropkit.experiments.reproduce import _plots, _stats
 from dropkit.experiments.reproduce.api import (
     Claim,
     Experiment,
@@ -42,6 +43,7 @@ from dropkit.experiments.reproduce.api import (
     Verdict,
 )
 from dropkit.experiments.reproduce.mnist_mlp import (
+    ZERO_RELATIVE,
     data_note,
     format_percent,
     load_protocol_data,
@@ -112,9 +114,9 @@ def _format_matching(results: Sequence[Mapping[str, Any]]) -> str:
     missing = len(results) - len(found)
     if not found:
         return f"never within k <= {results[0]['k'][-1]}"
-    mean, se = mean_se(found)
-    text = format_number(mean) if math.isnan(se) else format_mean_se(mean, se)
-    return text + (f" (never in {missing} of {len(results)} seeds)" if missing else "")
+    return _stats.format_cell(found, zero_relative=ZERO_RELATIVE) + (
+        f" (never in {missing} of {len(results)} seeds)" if missing else ""
+    )
 
 
 def verdict(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Verdict:
@@ -173,9 +175,11 @@ def _draw(results: Sequence[Mapping[str, Any]]) -> Any:
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
         k = list(results[0]["k"])
-        curves = [mean_se([100.0 * float(r["mc_error"][i]) for r in results]) for i in range(len(k))]
-        means = [m for m, _ in curves]
-        ses = [0.0 if math.isnan(se) else se for _, se in curves]
+        means, ses = _plots.means_and_bars(
+            [[float(r["mc_error"][i]) for r in results] for i in range(len(k))],
+            scale=100.0,
+            zero_relative=ZERO_RELATIVE,
+        )
         ax.plot(k, means, label="MC average of k passes")
         ax.fill_between(
             k,

@@ -67,7 +67,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import dropkit
-from dropkit.experiments._console import Progress, format_mean_se, format_number
+from dropkit.experiments._console import Progress, format_number
+from dropkit.experiments.reproduce import _stats
+from dropkit.experiments.reproduce._stats import mean_se, resolved_sign
 from dropkit.experiments.reproduce.api import (
     Claim,
     DataUnavailableError,
@@ -141,51 +143,8 @@ CHECKS = {
 # statistics over seeds
 
 
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error (sample standard deviation over ``sqrt(n)``); NaN SE for one value.
-
-    Example:
-        >>> mean_se([1.0, 3.0])
-        (2.0, 1.0)
-        >>> mean_se([4.0])
-        (4.0, nan)
-    """
-    n = len(values)
-    if n == 0:
-        raise ValueError("values must hold at least one number, got an empty sequence")
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, math.nan
-    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
-
-
-def resolved_sign(values: Sequence[float]) -> int | None:
-    """``1`` when ``mean - 2 SE > 0``, ``-1`` when ``mean + 2 SE < 0``, ``0`` otherwise,
-    ``None`` for a single value (no error bar).
-
-    Example:
-        >>> resolved_sign([0.3, 0.4, 0.5]), resolved_sign([0.3, -0.4]), resolved_sign([1.0])
-        (1, 0, None)
-    """
-    mean, se = mean_se(values)
-    if math.isnan(se):
-        return None
-    if mean - SIGNIFICANCE * se > 0.0:
-        return 1
-    if mean + SIGNIFICANCE * se < 0.0:
-        return -1
-    return 0
-
-
-def _cell(values: Sequence[float]) -> str:
-    mean, se = mean_se(values)
-    return format_number(mean) if math.isnan(se) else format_mean_se(mean, se)
-
-
-def _metric(values: Sequence[float]) -> float | list[float]:
-    mean, se = mean_se(values)
-    return mean if math.isnan(se) else [mean, se]
+_cell = _stats.format_cell
+_metric = _stats.json_metric
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from torch.nn import functional as F
 
 import dropkit
 from dropkit._validation import check_int
-from dropkit.experiments._console import Progress, format_mean_se, format_number
+from dropkit.experiments._console import Progress, format_number
+from dropkit.experiments.reproduce import _stats
 from dropkit.experiments.reproduce.api import (
     Claim,
     Experiment,
@@ -95,7 +96,9 @@ MODELS = ("no dropout", "dropout", "dropout + max-norm")
 #: network without dropout is the L2-regularized one (1.62 %), Table 2's standard net has 1.60 %.
 PUBLISHED = {"no dropout": 1.60, "dropout": 1.25, "dropout + max-norm": 1.05}
 #: How many standard errors separate a difference from zero before it counts as resolved.
-SIGNIFICANCE = 2.0
+SIGNIFICANCE = _stats.SIGNIFICANCE
+#: An SE at most this fraction of the mean is float rounding, reported as 0 (:func:`mean_se`).
+ZERO_RELATIVE = 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,17 +118,9 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
         >>> mean_se([0.0634 - 0.0544, 0.0701 - 0.0611])[1]
         0.0
     """
-    n = len(values)
-    if n == 0:
-        raise ValueError("values must hold at least one number, got an empty sequence")
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, math.nan
-    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    se = math.sqrt(variance / n)
     # Equal values computed along different paths (0.0634 - 0.0544 and 0.0701 - 0.0611)
     # differ by rounding only: their spread is 0, not 1e-18.
-    return mean, 0.0 if se <= 1e-12 * abs(mean) else se
+    return _stats.mean_se(values, zero_relative=ZERO_RELATIVE)
 
 
 def format_percent(values: Sequence[float]) -> str:
@@ -135,8 +130,7 @@ def format_percent(values: Sequence[float]) -> str:
         >>> format_percent([0.0125, 0.0131]), format_percent([0.02])
         ('1.28 ± 0.03', '2.00')
     """
-    mean, se = mean_se([100.0 * v for v in values])
-    return format_number(mean) if math.isnan(se) else format_mean_se(mean, se)
+    return _stats.format_cell(values, scale=100.0, zero_relative=ZERO_RELATIVE)
 
 
 def resolved_sign(values: Sequence[float], margin: float = 0.0, floor: float = 0.0) -> int | None:
@@ -154,15 +148,7 @@ def resolved_sign(values: Sequence[float], margin: float = 0.0, floor: float = 0
         >>> resolved_sign([0.3, 0.4, 0.5], floor=0.2)
         0
     """
-    mean, se = mean_se(values)
-    if math.isnan(se):
-        return None
-    se = math.hypot(se, floor)
-    if mean - SIGNIFICANCE * se > margin:
-        return 1
-    if mean + SIGNIFICANCE * se < -margin:
-        return -1
-    return 0
+    return _stats.resolved_sign(values, margin=margin, floor=floor, zero_relative=ZERO_RELATIVE)
 
 
 def paired_se(wrong_a: Sequence[int], wrong_b: Sequence[int], n: int) -> float:

@@ -40,6 +40,7 @@ import torch
 
 import dropkit
 from dropkit.experiments._console import format_mean_se, format_number
+from dropkit.experiments.reproduce import _plots
 from dropkit.experiments.reproduce.api import (
     Claim,
     Experiment,
@@ -52,6 +53,7 @@ from dropkit.experiments.reproduce.api import (
 from dropkit.experiments.reproduce.data import ImageSet, load_mnist_or_digits, subsample
 from dropkit.experiments.reproduce.mnist_mlp import (
     LEARNING_RATES,
+    ZERO_RELATIVE,
     SGDSchedule,
     build_mlp,
     data_note,
@@ -380,10 +382,7 @@ def verdict(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Verdict:
 
 
 def _band(ax: Any, x: Sequence[float], per_point: Sequence[Sequence[float]], label: str) -> None:
-    stats = [mean_se([100.0 * v for v in values]) for values in per_point]
-    means = [m for m, _ in stats]
-    ses = [0.0 if math.isnan(s) else s for _, s in stats]
-    ax.errorbar(x, means, yerr=ses, marker="o", capsize=3, label=label)
+    _plots.errorbar(ax, x, per_point, label, scale=100.0, zero_relative=ZERO_RELATIVE)
 
 
 def _draw_rate(results: Sequence[Mapping[str, Any]]) -> Any:

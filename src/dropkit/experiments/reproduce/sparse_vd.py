@@ -36,6 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from dropkit.experiments._console import format_mean_se, format_number
+from dropkit.experiments.reproduce import _stats
 from dropkit.experiments.reproduce.api import (
     Claim,
     DataUnavailableError,
@@ -146,10 +147,8 @@ def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and standard error over seeds (``ddof = 1``); no SE from one seed."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.size < 2:
-        return float(array.mean()), None
-    return float(array.mean()), float(array.std(ddof=1) / math.sqrt(array.size))
+    mean, se = _stats.mean_se(values, summation="numpy")
+    return mean, None if len(values) < 2 else se
 
 
 def _text(values: Sequence[float], scale: float = 1.0, unit: str = "") -> str:
