@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dropkit._validation import check_bool
+from dropkit._validation import check_bool, check_int
 from dropkit.functional._common import SeedLike
 from dropkit.functional.attention import residual_dropout, scaled_dot_product_attention
 from dropkit.nn._base import _ProbabilityRate, _RandomLayer
@@ -159,19 +159,39 @@ class ScaledDotProductAttention(_ProbabilityRate, _RandomLayer):
     :func:`torch.nn.functional.scaled_dot_product_attention` in eval cannot happen.  In eval, or
     with ``p = 0``, the call is exactly torch's kernel with ``dropout_p=0``.
 
-    With ``use_engine=True`` (default) the training forward computes the weights explicitly
-    (scores, softmax in float32 for half inputs, dropkit dropout, multiply by :math:`V`): the mask
-    has one draw per (batch, head, query, key) element from this module's stream, reproduces
-    under :func:`dropkit.manual_seed` and per-call ``seed=``, and is the one
-    :class:`AttentionDropout` draws for the weights with the same key.  That path materializes
-    the :math:`(N, H, L, S)` weights (memory :math:`O(L S)` per head, as torch's math backend).
+    With ``use_engine=True`` (default) the training forward drops the attention weights with
+    dropkit's engine (scores, softmax in float32 for half inputs, dropout, multiply by
+    :math:`V`): the mask has one draw per (batch, head, query, key) element from this module's
+    stream, reproduces under :func:`dropkit.manual_seed` and per-call ``seed=``, and is the one
+    :class:`AttentionDropout` draws for the materialised weights with the same key.  Three paths
+    compute it, with the same mask (element :math:`(b, i, j)` of the weights reads the engine's
+    draw number :math:`(b L + i) S + j` whatever the path), outputs equal to float rounding:
+
+    * on CUDA, a fused FlashAttention-style Triton kernel (float16, bfloat16 or float32 inputs
+      and head dims up to 128; causal, bool and float masks, grouped-query attention): the
+      weights are never stored, the backward regenerates each tile's probabilities from the
+      saved log-sum-exp and its mask from the key, so autograd keeps :math:`O(L)` per head,
+      nothing per weight;
+    * the blocked path (weights of at least
+      :data:`dropkit.functional.attention.BLOCKED_MIN_ELEMENTS` elements, or ``block_size``
+      given): the weights of ``block_size`` query rows at a time (causal blocks only up to their
+      last key), dropped and multiplied by :math:`V`, recomputed block by block in backward:
+      memory :math:`O(L \cdot \text{block})` per head, nothing kept per weight;
+    * else the materialised weights (memory :math:`O(L S)` per head, as torch's math backend),
+      also under ``torch.func`` transforms and forward-mode AD and for a float ``attn_mask``
+      that requires grad.
+
+    The first two run eagerly as an ``autograd.Function`` and, under ``torch.compile`` and
+    ``torch.export``, as the custom op ``dropkit::engine_attention`` (with its backward op), so
+    a compiled model keeps nothing per weight either.  Double backward is not supported on them.
+
     ``use_engine=False`` passes ``dropout_p`` to torch's fused kernels (flash / memory-efficient
     attention on GPUs) instead; their masks come from torch's global RNG, not from dropkit.
     Rows whose every position is masked give zeros, as torch's kernels do.
 
     ``torch.compile``: with ``use_engine=True`` a compiled training forward reads the rate from
     ``p_tensor`` when the graph runs, so assigning ``p`` does not recompile, and the masks are
-    the eager ones.  The traced graph always takes the explicit path, also at ``p = 0``, where
+    the eager ones.  The traced graph always takes the engine path, also at ``p = 0``, where
     eager calls torch's kernel: there the two agree to float rounding.  With
     ``use_engine=False`` torch's kernel takes ``dropout_p`` as a float, a constant of the
     compiled graph: every new ``p`` recompiles it.
@@ -181,6 +201,9 @@ class ScaledDotProductAttention(_ProbabilityRate, _RandomLayer):
             Default: 0.1
         use_engine: draw the mask with dropkit's engine (``True``) or use torch's fused
             kernel and RNG (``False``). Default: ``True``
+        block_size: query rows per block of the blocked path, which then runs for every
+            training call the fused kernel does not take; ``None`` picks the path by size.
+            Default: ``None``
 
     Shape:
         - Query: :math:`(*, L, E)`; key: :math:`(*, S, E)`; value: :math:`(*, S, E_v)`, with
@@ -207,10 +230,11 @@ class ScaledDotProductAttention(_ProbabilityRate, _RandomLayer):
     attention, dropout on the attention weights).
     """
 
-    def __init__(self, p: float = 0.1, *, use_engine: bool = True) -> None:
+    def __init__(self, p: float = 0.1, *, use_engine: bool = True, block_size: int | None = None) -> None:
         super().__init__()
         self.p = p
         self.use_engine = check_bool(use_engine, "use_engine")
+        self.block_size = None if block_size is None else check_int(block_size, "block_size", 1)
 
     @property
     def dropout_p(self) -> float:
@@ -219,7 +243,8 @@ class ScaledDotProductAttention(_ProbabilityRate, _RandomLayer):
         return self.p
 
     def extra_repr(self) -> str:
-        return f"p={self.p}" + ("" if self.use_engine else ", use_engine=False")
+        text = f"p={self.p}" + ("" if self.use_engine else ", use_engine=False")
+        return text + ("" if self.block_size is None else f", block_size={self.block_size}")
 
     def _rate_is_graph_input(self, attribute: str) -> bool:
         return super()._rate_is_graph_input(attribute) and self.use_engine
@@ -259,4 +284,5 @@ class ScaledDotProductAttention(_ProbabilityRate, _RandomLayer):
             seed=seed,
             generator=generator,
             use_engine=self.use_engine,
+            block_size=self.block_size,
         )
