@@ -8,6 +8,9 @@ single-process references are computed here.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +171,21 @@ def test_split_range_cuts_contiguous_near_equal_shares() -> None:
             assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
     with pytest.raises(ValueError, match=r"index must be in \[0, 2\), got 2"):
         split_range(4, 2, 2)
+
+
+@pytest.mark.slow
+def test_example_under_torchrun_equals_one_process() -> None:
+    """The example as the docs run it: ``torchrun`` starts the two processes (its rendezvous and
+    environment, not the tests' spawn harness); rank 0 rescores in one process and compares."""
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(root / "examples" / "mc_predict_distributed.py"), "--check", "--samples", "16",
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=environment, cwd=root, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "2 processes" in completed.stdout
+    assert "max |mean difference| = 0, votes equal: True" in completed.stdout
