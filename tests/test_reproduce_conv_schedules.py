@@ -25,7 +25,7 @@ import dropkit
 from dropkit.experiments.reproduce import conv_variants as cv
 from dropkit.experiments.reproduce import data as image_data
 from dropkit.experiments.reproduce import early_late as el
-from dropkit.experiments.reproduce.api import Experiment, RunContext, Summary
+from dropkit.experiments.reproduce.api import DataUnavailableError, Experiment, RunContext, Summary
 from dropkit.experiments.sparse_vd_mnist import MNIST_FILES
 
 EXPERIMENTS = {"conv-variants": cv.EXPERIMENT, "early-late": el.EXPERIMENT}
@@ -155,6 +155,45 @@ def test_data_source_is_reported(runs: dict[str, Any], name: str) -> None:
     assert "Fashion-MNIST was not available" in digits_notes
     assert "dataset-fashion-mnist" in digits_notes
     assert "not available" not in fashion_notes
+
+
+def test_fashion_fallback_gives_digits_and_says_how_to_get_fashion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package_dir = tmp_path / "absent"
+    monkeypatch.setattr(image_data, "FASHION_MNIST_PACKAGE_DIR", package_dir)
+    for data_dir in (None, tmp_path):  # no --data, and a --data without fashion-mnist/
+        images, fallback = image_data.load_fashion_mnist_or_digits(RunContext("tiny", data_dir, tmp_path))
+        assert images is image_data.load_digits()
+        assert fallback is not None
+        assert fallback.startswith("Fashion-MNIST not found (looked in ")
+        assert str(package_dir) in fallback
+        assert (str(tmp_path / "fashion-mnist") in fallback) == (data_dir is not None)
+        assert fallback.endswith(image_data.FASHION_MNIST_HINT)
+        assert "apt-get install dataset-fashion-mnist" in fallback
+
+    write_fashion(tmp_path / "fashion-mnist")
+    images, fallback = image_data.load_fashion_mnist_or_digits(RunContext("tiny", tmp_path, tmp_path))
+    assert fallback is None
+    assert images.name == "fashion-mnist"
+    assert images.source == str(tmp_path / "fashion-mnist")
+    assert images.x_train.shape == (160, 1, 28, 28)
+
+
+def test_fashion_fallback_without_scikit_learn_gives_both_reasons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_digits() -> image_data.ImageSet:
+        raise DataUnavailableError("the embedded digits need scikit-learn")
+
+    monkeypatch.setattr(image_data, "FASHION_MNIST_PACKAGE_DIR", tmp_path / "absent")
+    monkeypatch.setattr(image_data, "load_digits", no_digits)
+    with pytest.raises(DataUnavailableError) as raised:
+        image_data.load_fashion_mnist_or_digits(RunContext("tiny", None, tmp_path))
+    message = str(raised.value)
+    assert message.startswith("Fashion-MNIST not found")
+    assert "dataset-fashion-mnist" in message
+    assert message.endswith("; and the fallback: the embedded digits need scikit-learn")
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))

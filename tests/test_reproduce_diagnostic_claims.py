@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import dropkit
 from dropkit.diagnostics.activations import measure_activations
 from dropkit.diagnostics.adaptive_l2 import dropout_penalty
 from dropkit.diagnostics.variance_shift import measure_variance_shift
-from dropkit.experiments.reproduce import adaptive_l2, alpha_selu, variance_shift
+from dropkit.experiments.reproduce import _stats, adaptive_l2, alpha_selu, variance_shift
 from dropkit.experiments.reproduce.api import Experiment, RunContext, Summary
 
 pytest.importorskip("sklearn")  # the tiny runs use the embedded digits
@@ -112,6 +113,26 @@ def test_summarize_refuses_no_results(tmp_path: Path) -> None:
     for module in MODULES.values():
         with pytest.raises(ValueError, match="at least one"):
             module.summarize(_ctx("quick", tmp_path), [])
+
+
+def test_seed_stats_bind_the_summation() -> None:
+    # 0.1 ten times and 0.2 add up to another mean left to right than exactly: the three
+    # experiments of this file add left to right, and their bound helpers must say so.
+    values = [0.1] * 10 + [0.2]
+    stats = _stats.BUILTIN_SUM
+    assert stats.summation == "sum"
+    assert stats.mean_se(values) == _stats.mean_se(values, summation="sum") != _stats.mean_se(values)
+    assert stats.json_pair(values) == _stats.json_pair(values, summation="sum")
+    assert stats.json_pair([4.0]) == [4.0, None]
+    for scale in (1.0, 100.0):
+        assert stats.cell(values, scale=scale) == _stats.format_cell(values, scale=scale, summation="sum")
+    # zero_se_below (adaptive-l2) shows a rounding-only SE as 0 in cells, and only there.
+    pair = [0.1, 0.1 + 1e-12]
+    rounding = replace(stats, zero_se_below=1e-9)
+    assert stats.cell(pair, digits=15).endswith(" ± 5.0e-13")
+    assert rounding.cell(pair, digits=15).endswith(" ± 0.0e+00")
+    assert rounding.mean_se(pair) == stats.mean_se(pair)
+    assert rounding.json_pair(pair) == stats.json_pair(pair)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,12 +19,16 @@ Example:
     ('1.28 ± 0.03', '2.00')
     >>> json_pair([1.0, 3.0]), json_pair([4.0])
     ([2.0, 1.0], [4.0, None])
+
+An experiment that departs from the defaults binds its details once in a :class:`SeedStats`
+(:data:`BUILTIN_SUM` for those that add with the builtin :func:`sum`) and calls its methods.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -32,7 +36,9 @@ import numpy as np
 from dropkit.experiments._console import format_mean_se, format_number
 
 __all__ = [
+    "BUILTIN_SUM",
     "SIGNIFICANCE",
+    "SeedStats",
     "Summation",
     "count",
     "format_cell",
@@ -208,6 +214,64 @@ def json_pair(
         values, summation=summation, zero_relative=zero_relative, exact_when_equal=exact_when_equal
     )
     return [mean, None if math.isnan(se) else se]
+
+
+@dataclass(frozen=True)
+class SeedStats:
+    """:func:`mean_se`, :func:`format_cell` and :func:`json_pair` with one experiment's numerical
+    details bound, so that its tables, verdicts and ``results.json`` agree.
+
+    Attributes:
+        summation, zero_relative, exact_when_equal: as in :func:`mean_se`, for every method.
+        zero_se_below: as in :func:`format_cell`, for :meth:`cell` only.
+
+    Example:
+        >>> stats = SeedStats(summation="sum", zero_se_below=1e-9)
+        >>> stats.mean_se([1.0, 3.0]), stats.json_pair([4.0])
+        ((2.0, 1.0), [4.0, None])
+        >>> stats.cell([0.1, 0.1 + 1e-12]), stats.cell([0.0125, 0.0131], scale=100.0)
+        ('0.100 ± 0.000', '1.28 ± 0.03')
+    """
+
+    summation: Summation = "fsum"
+    zero_relative: float = 0.0
+    exact_when_equal: bool = False
+    zero_se_below: float = 0.0
+
+    def mean_se(self, values: Sequence[float]) -> tuple[float, float]:
+        """:func:`mean_se` of ``values``."""
+        return mean_se(
+            values,
+            summation=self.summation,
+            zero_relative=self.zero_relative,
+            exact_when_equal=self.exact_when_equal,
+        )
+
+    def cell(self, values: Sequence[float], *, scale: float = 1.0, digits: int = 3) -> str:
+        """:func:`format_cell` of ``values``."""
+        return format_cell(
+            values,
+            scale=scale,
+            digits=digits,
+            zero_se_below=self.zero_se_below,
+            summation=self.summation,
+            zero_relative=self.zero_relative,
+            exact_when_equal=self.exact_when_equal,
+        )
+
+    def json_pair(self, values: Sequence[float]) -> list[float | None]:
+        """:func:`json_pair` of ``values``."""
+        return json_pair(
+            values,
+            summation=self.summation,
+            zero_relative=self.zero_relative,
+            exact_when_equal=self.exact_when_equal,
+        )
+
+
+#: Sums formed with the builtin :func:`sum`, left to right (``adaptive-l2``, ``alpha-selu``,
+#: ``variance-shift``); every other detail at its default.
+BUILTIN_SUM = SeedStats(summation="sum")
 
 
 def json_metric(values: Sequence[float]) -> float | list[float]:

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -439,21 +439,9 @@ def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:
 # Summary
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error over seeds (``std(ddof=1)/sqrt(n)``; NaN for one seed)."""
-    return _stats.mean_se(values, summation="sum")
-
-
-_seeds = _stats.seeds
-
-
-def _cell(values: Sequence[float], scale: float = 1.0) -> str:
-    # Identical values across seeds (the same data, a deterministic fit) differ by rounding only.
-    return _stats.format_cell(values, scale=scale, zero_se_below=1e-9, summation="sum")
-
-
-def _json_pair(values: Sequence[float]) -> list[float | None]:
-    return _stats.json_pair(values, summation="sum")
+#: Mean ± SE over seeds, sums left to right; identical values across seeds (the same data, a
+#: deterministic fit) differ by rounding only, so a cell shows their SE as 0.
+_STATS = replace(_stats.BUILTIN_SUM, zero_se_below=1e-9)
 
 
 def _values(results: Sequence[Mapping[str, Any]], task: str, model: str, field: str) -> list[float]:
@@ -480,20 +468,21 @@ def _verdict(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Verdict:
     gaps = _loss_gaps(results, "simulated")
     image_corr = _values(results, "images", "penalty", "correlation_with_dropout")
     ratio = [_ratio_at(r, "simulated", 0.3) for r in results]
-    seeds = f"{_seeds(n)}"
+    seeds = f"{_stats.seeds(n)}"
     ours = (
         f"ours on the simulated GLM (mean ± SE over {seeds}): weight correlation dropout vs quadratic "
-        f"penalty r = {_cell(corr)} (ridge of equal strength: {_cell(ridge)}), relative test-loss "
-        f"difference {_cell(gaps, 100)} %, approximate/exact penalty at p = 0.3 {_cell(ratio)} "
-        f"(published 8.59/9.38 = 0.92); on {results[0]['data']} 3 vs 8, r = {_cell(image_corr)}"
+        f"penalty r = {_STATS.cell(corr)} (ridge of equal strength: {_STATS.cell(ridge)}), "
+        f"relative test-loss difference {_STATS.cell(gaps, scale=100)} %, "
+        f"approximate/exact penalty at p = 0.3 {_STATS.cell(ratio)} "
+        f"(published 8.59/9.38 = 0.92); on {results[0]['data']} 3 vs 8, r = {_STATS.cell(image_corr)}"
     )
     if ctx.scale == "tiny":
         return Verdict(None, f"Undecided at the tiny scale (a smoke test): {ours}.")
     if n < 2:
         return Verdict(None, f"Undecided with one seed (no error bar): {ours}.")
-    corr_mean, _ = _mean_se(corr)
-    gap_mean, _ = _mean_se(gaps)
-    ridge_mean, _ = _mean_se(ridge)
+    corr_mean, _ = _STATS.mean_se(corr)
+    gap_mean, _ = _STATS.mean_se(gaps)
+    ridge_mean, _ = _STATS.mean_se(ridge)
     failed = []
     if corr_mean < CORRELATION_THRESHOLD:
         failed.append(f"the weights correlate less than r = {CORRELATION_THRESHOLD:g}")
@@ -546,11 +535,11 @@ def _draw_penalty(results: Sequence[Mapping[str, Any]]) -> Any:
     for task in TASKS:
         rates = results[0]["tasks"][task]["penalty"]["rates"]
         exact = [
-            _mean_se([float(r["tasks"][task]["penalty"]["exact"][i]) for r in results])
+            _STATS.mean_se([float(r["tasks"][task]["penalty"]["exact"][i]) for r in results])
             for i in range(len(rates))
         ]
         approx = [
-            _mean_se([float(r["tasks"][task]["penalty"]["quadratic"][i]) for r in results])
+            _STATS.mean_se([float(r["tasks"][task]["penalty"]["quadratic"][i]) for r in results])
             for i in range(len(rates))
         ]
         mc = [
@@ -596,16 +585,16 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
                 [
                     name,
                     method,
-                    _cell(_values(results, task, key, "test_loss")),
-                    _cell(_values(results, task, key, "test_accuracy"), 100),
-                    _cell(_values(results, task, key, "norm")),
+                    _STATS.cell(_values(results, task, key, "test_loss")),
+                    _STATS.cell(_values(results, task, key, "test_accuracy"), scale=100),
+                    _STATS.cell(_values(results, task, key, "norm")),
                     "1"
                     if key == "dropout"
-                    else _cell(_values(results, task, key, "correlation_with_dropout")),
+                    else _STATS.cell(_values(results, task, key, "correlation_with_dropout")),
                 ]
             )
     fits = Table(
-        title=f"Dropout vs its quadratic penalty, p = {first['p']} (mean ± SE over {_seeds(n)})",
+        title=f"Dropout vs its quadratic penalty, p = {first['p']} (mean ± SE over {_stats.seeds(n)})",
         columns=("task", "trained with", "test loss", "test accuracy (%)", "‖β‖", "r with dropout weights"),
         rows=rows,
     )
@@ -616,14 +605,14 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
             [
                 f"approximate / exact penalty at p = 0.3, {name}",
                 "8.59 / 9.38 = 0.92 (simulation)",
-                _cell([_ratio_at(r, task, 0.3) for r in results]),
+                _STATS.cell([_ratio_at(r, task, 0.3) for r in results]),
             ]
         )
         comparison_rows.append(
             [
                 f"relative test-loss difference, {name} (%)",
                 "dropout ≈ quadratic penalty",
-                _cell(_loss_gaps(results, task), 100),
+                _STATS.cell(_loss_gaps(results, task), scale=100),
             ]
         )
     comparison = Table(
@@ -639,9 +628,9 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
                 [
                     name,
                     format_number(rate, 2),
-                    _cell(exact),
-                    _cell(approx),
-                    _cell([a / e for a, e in zip(approx, exact, strict=True)]),
+                    _STATS.cell(exact),
+                    _STATS.cell(approx),
+                    _STATS.cell([a / e for a, e in zip(approx, exact, strict=True)]),
                 ]
             )
     penalties = Table(
@@ -677,14 +666,15 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
         f"{data} 3 vs 8: {img['n_train']} training and {img['n_test']} test images, {img['features']} pixels "
         f"in [0, 1]; separable, with large per-pixel effects: reported to show the approximation's limits, "
         f"not used for the verdict (training loss of the quadratic-penalty fit: "
-        f"{_cell(_values(results, 'images', 'penalty', 'train_loss'))}, of the dropout fit: "
-        f"{_cell(_values(results, 'images', 'dropout', 'train_loss'))}).",
+        f"{_STATS.cell(_values(results, 'images', 'penalty', 'train_loss'))}, of the dropout fit: "
+        f"{_STATS.cell(_values(results, 'images', 'dropout', 'train_loss'))}).",
         "Features that vary but occur in one class only are removed before fitting (simulated: "
-        f"{_cell([float(r['tasks']['simulated']['one_class_features']) for r in results])} of "
+        f"{_STATS.cell([float(r['tasks']['simulated']['one_class_features']) for r in results])} of "
         f"{sim['features']} per seed; images: "
-        f"{_cell([float(r['tasks']['images']['one_class_features']) for r in results])} pixels, plus the "
-        "constant ones): along them the logistic loss, the dropout loss and the quadratic penalty all keep "
-        "falling as the weight grows, so fitted weights would compare where optimizers stopped.",
+        f"{_STATS.cell([float(r['tasks']['images']['one_class_features']) for r in results])} pixels, "
+        "plus the constant ones): along them the logistic loss, the dropout loss and the quadratic "
+        "penalty all keep falling as the weight grows, so fitted weights would compare where "
+        "optimizers stopped.",
         f"Dropout: dropkit.nn.Dropout(p = {first['p']}) on the features, full-batch Adam (lr {_LR:g}) on "
         f"{first['replicas']} copies of the training set with fresh masks, {first['steps']} steps, "
         "the weights averaged over the second half while the rate decays to 0.",
@@ -700,19 +690,21 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
     ]
     metrics: dict[str, Any] = {}
     for task in TASKS:
-        metrics[f"{task}_correlation"] = _json_pair(
+        metrics[f"{task}_correlation"] = _STATS.json_pair(
             _values(results, task, "penalty", "correlation_with_dropout")
         )
-        metrics[f"{task}_ridge_correlation"] = _json_pair(
+        metrics[f"{task}_ridge_correlation"] = _STATS.json_pair(
             _values(results, task, "ridge", "correlation_with_dropout")
         )
-        metrics[f"{task}_relative_loss_gap"] = _json_pair(_loss_gaps(results, task))
-        metrics[f"{task}_penalty_ratio_p0.3"] = _json_pair([_ratio_at(r, task, 0.3) for r in results])
+        metrics[f"{task}_relative_loss_gap"] = _STATS.json_pair(_loss_gaps(results, task))
+        metrics[f"{task}_penalty_ratio_p0.3"] = _STATS.json_pair([_ratio_at(r, task, 0.3) for r in results])
     ours = (
-        f"simulated GLM: r = {_cell(_values(results, 'simulated', 'penalty', 'correlation_with_dropout'))}, "
-        f"test losses {_cell(_loss_gaps(results, 'simulated'), 100)} % apart, approximate/exact penalty at "
-        f"p = 0.3 {_cell([_ratio_at(r, 'simulated', 0.3) for r in results])}; {data} 3 vs 8: r = "
-        f"{_cell(_values(results, 'images', 'penalty', 'correlation_with_dropout'))}"
+        "simulated GLM: r = "
+        f"{_STATS.cell(_values(results, 'simulated', 'penalty', 'correlation_with_dropout'))}, "
+        f"test losses {_STATS.cell(_loss_gaps(results, 'simulated'), scale=100)} % apart, "
+        "approximate/exact penalty at p = 0.3 "
+        f"{_STATS.cell([_ratio_at(r, 'simulated', 0.3) for r in results])}; {data} 3 vs 8: r = "
+        f"{_STATS.cell(_values(results, 'images', 'penalty', 'correlation_with_dropout'))}"
     )
     return Summary(
         ours=ours,

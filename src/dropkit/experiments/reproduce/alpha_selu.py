@@ -339,21 +339,8 @@ def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:
 # Summary
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error over seeds (``std(ddof=1)/sqrt(n)``; NaN for one seed)."""
-    return _stats.mean_se(values, summation="sum")
-
-
-_count = _stats.count
-_seeds = _stats.seeds
-
-
-def _cell(values: Sequence[float], scale: float = 1.0) -> str:
-    return _stats.format_cell(values, scale=scale, summation="sum")
-
-
-def _json_pair(values: Sequence[float]) -> list[float | None]:
-    return _stats.json_pair(values, summation="sum")
+#: Mean ± SE over seeds, sums left to right.
+_STATS = _stats.BUILTIN_SUM
 
 
 def _worst(profile: Mapping[str, Sequence[float]]) -> tuple[float, float]:
@@ -380,10 +367,11 @@ def _verdict(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Verdict:
         for key in MEASURED
     }
     ours = (
-        f"ours at initialization, deepest layer, training mode (mean ± SE over {_seeds(n)}): "
-        f"alpha dropout mean {_cell(last['alpha'][0])}, variance "
-        f"{_cell(last['alpha'][1])}; standard dropout mean {_cell(last['standard'][0])}, variance "
-        f"{_cell(last['standard'][1])}"
+        f"ours at initialization, deepest layer, training mode (mean ± SE over {_stats.seeds(n)}): "
+        f"alpha dropout mean {_STATS.cell(last['alpha'][0])}, variance "
+        f"{_STATS.cell(last['alpha'][1])}; standard dropout mean {_STATS.cell(last['standard'][0])}, "
+        "variance "
+        f"{_STATS.cell(last['standard'][1])}"
     )
     published = "published: alpha dropout keeps (0, 1), standard dropout does not"
     if ctx.scale == "tiny":
@@ -418,12 +406,12 @@ def _profile_curves(
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for key in MEASURED:
         columns = list(zip(*(r["variants"][key][stage][column] for r in results), strict=True))
-        pairs = [_mean_se([float(v) for v in values]) for values in columns]
+        pairs = [_STATS.mean_se([float(v) for v in values]) for values in columns]
         curves[key] = ([p[0] for p in pairs], [0.0 if math.isnan(p[1]) else p[1] for p in pairs])
     eval_columns = list(
         zip(*(r["variants"]["alpha"][stage][column.replace("train", "eval")] for r in results), strict=True)
     )
-    eval_pairs = [_mean_se([float(v) for v in values]) for values in eval_columns]
+    eval_pairs = [_STATS.mean_se([float(v) for v in values]) for values in eval_columns]
     curves["none"] = ([p[0] for p in eval_pairs], [0.0 if math.isnan(p[1]) else p[1] for p in eval_pairs])
     return curves
 
@@ -468,10 +456,10 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
     n = len(results)
 
     def at_depth(key: str, stage: str, column: str) -> str:
-        return _cell([float(r["variants"][key][stage][column][-1]) for r in results])
+        return _STATS.cell([float(r["variants"][key][stage][column][-1]) for r in results])
 
     def worst(key: str, stage: str, which: int) -> str:
-        return _cell([_worst(r["variants"][key][stage])[which] for r in results])
+        return _STATS.cell([_worst(r["variants"][key][stage])[which] for r in results])
 
     p = float(first["p"])
 
@@ -508,7 +496,7 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
     )
     detail_rows = []
     for key, label in VARIANTS.items():
-        row = [label, _cell([float(r["variants"][key]["accuracy"]) for r in results], 100)]
+        row = [label, _STATS.cell([float(r["variants"][key]["accuracy"]) for r in results], scale=100)]
         if key in MEASURED:
             row += [
                 worst(key, "init", 0),
@@ -520,7 +508,7 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
             row += ["—"] * 4
         detail_rows.append(row)
     detail = Table(
-        title=f"Test accuracy (%) and the largest drift over the depth, mean ± SE over {_seeds(n)}",
+        title=f"Test accuracy (%) and the largest drift over the depth, mean ± SE over {_stats.seeds(n)}",
         columns=(
             "variant",
             "test accuracy",
@@ -547,8 +535,9 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
     notes = [
         f"Data: {first['data']}, {first['n_train']} training and {first['n_test']} test images, pixels "
         f"standardized; network: {first['depth']} SELU layers of {first['width']} units, LeCun-normal "
-        f"initialization, dropout p = {first['p']} after every SELU; {_count(first['epochs'], 'epoch')} "
-        f"of SGD (lr {_LR:g}, momentum {_MOMENTUM:g}, batch {_BATCH}).",
+        f"initialization, dropout p = {first['p']} after every SELU; "
+        f"{_stats.count(first['epochs'], 'epoch')} of SGD "
+        f"(lr {_LR:g}, momentum {_MOMENTUM:g}, batch {_BATCH}).",
         "Statistics are pooled over the batch and the units of each layer, measured with "
         "dropkit.diagnostics.measure_activations (every dropout on = training mode).",
         "The mean-field fixed point iterates the layer map of an infinitely wide network with "
@@ -571,14 +560,16 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
     ]
     metrics: dict[str, Any] = {}
     for key in MEASURED:
-        metrics[f"{key}_deepest_mean"] = _json_pair(
+        metrics[f"{key}_deepest_mean"] = _STATS.json_pair(
             [float(r["variants"][key]["init"]["train_mean"][-1]) for r in results]
         )
-        metrics[f"{key}_deepest_variance"] = _json_pair(
+        metrics[f"{key}_deepest_variance"] = _STATS.json_pair(
             [float(r["variants"][key]["init"]["train_var"][-1]) for r in results]
         )
     for key in VARIANTS:
-        metrics[f"accuracy_{key}"] = _json_pair([float(r["variants"][key]["accuracy"]) for r in results])
+        metrics[f"accuracy_{key}"] = _STATS.json_pair(
+            [float(r["variants"][key]["accuracy"]) for r in results]
+        )
     ours = (
         f"deepest layer at initialization: alpha dropout mean {at_depth('alpha', 'init', 'train_mean')}, "
         f"variance {at_depth('alpha', 'init', 'train_var')}; standard dropout mean "

@@ -55,7 +55,6 @@ from dropkit.experiments.reproduce import _plots, _stats
 from dropkit.experiments.reproduce import data as image_data
 from dropkit.experiments.reproduce.api import (
     Claim,
-    DataUnavailableError,
     Experiment,
     Figure,
     RunContext,
@@ -80,7 +79,6 @@ __all__ = [
     "data_info",
     "data_notes",
     "eval_epochs",
-    "load_fashion_or_digits",
     "mean_se",
     "relative_times",
     "resolved_sign",
@@ -204,19 +202,6 @@ def combine(held: Sequence[bool | None]) -> bool | None:
     if all(h is True for h in held):
         return True
     return None
-
-
-def load_fashion_or_digits(ctx: RunContext) -> tuple[image_data.ImageSet, str | None]:
-    """Fashion-MNIST when found (:func:`~dropkit.experiments.reproduce.data.load_fashion_mnist`),
-    else the embedded digits; the second value is why Fashion-MNIST was not used (``None``
-    when it was), with how to get it."""
-    try:
-        return image_data.load_fashion_mnist(ctx), None
-    except DataUnavailableError as missing:
-        try:
-            return image_data.load_digits(), str(missing)
-        except DataUnavailableError as exc:
-            raise DataUnavailableError(f"{missing}; and the fallback: {exc}") from exc
 
 
 def data_notes(info: Mapping[str, Any]) -> list[str]:
@@ -447,7 +432,7 @@ def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:
     dropkit.manual_seed(seed)
     torch.manual_seed(seed)
     settings = protocol(ctx)
-    full, fallback = load_fashion_or_digits(ctx)
+    full, fallback = image_data.load_fashion_mnist_or_digits(ctx)
     images = image_data.subsample(full, settings.n_train, settings.n_test, seed=0)
     x, y, x_test, y_test = images.x_train, images.y_train, images.x_test, images.y_test
     side = int(x.shape[-1])

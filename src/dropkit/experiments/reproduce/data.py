@@ -27,6 +27,7 @@ __all__ = [
     "ImageSet",
     "load_digits",
     "load_fashion_mnist",
+    "load_fashion_mnist_or_digits",
     "load_mnist_or_digits",
     "subsample",
 ]
@@ -135,6 +136,32 @@ def load_fashion_mnist(ctx: RunContext) -> ImageSet:
             return _read_idx_set(str(directory), "fashion-mnist")
     looked = ", ".join(str(c) for c in candidates)
     raise DataUnavailableError(f"Fashion-MNIST not found (looked in {looked}); {FASHION_MNIST_HINT}")
+
+
+def load_fashion_mnist_or_digits(ctx: RunContext) -> tuple[ImageSet, str | None]:
+    """Fashion-MNIST when found (:func:`load_fashion_mnist`), else scikit-learn's digits.
+
+    For the experiments whose published setting is Fashion-MNIST but that still run without it
+    (``conv-variants``, ``early-late``): the 8x8 digits stand in, and the second value says so
+    for the report.
+
+    Returns:
+        ``(images, fallback)``: ``fallback`` is ``None`` when ``images`` is Fashion-MNIST, else
+        why it was not used: the message of :func:`load_fashion_mnist`, which says where it
+        looked and how to get it (the Debian package ``dataset-fashion-mnist`` or
+        ``DATA/fashion-mnist``).
+
+    Raises:
+        DataUnavailableError: neither is available (no Fashion-MNIST and no scikit-learn); the
+            message gives both reasons.
+    """
+    try:
+        return load_fashion_mnist(ctx), None
+    except DataUnavailableError as missing:
+        try:
+            return load_digits(), str(missing)
+        except DataUnavailableError as exc:
+            raise DataUnavailableError(f"{missing}; and the fallback: {exc}") from exc
 
 
 def subsample(images: ImageSet, n_train: int | None, n_test: int | None, seed: int = 0) -> ImageSet:

@@ -64,7 +64,6 @@ from dropkit.experiments.reproduce.conv_variants import (
     combine,
     data_info,
     data_notes,
-    load_fashion_or_digits,
     mean_se,
 )
 
@@ -340,7 +339,7 @@ def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:
     """Both regimes, four schedules each, on one seed; see the module docstring."""
     dropkit.manual_seed(seed)
     torch.manual_seed(seed)
-    full, fallback = load_fashion_or_digits(ctx)
+    full, fallback = image_data.load_fashion_mnist_or_digits(ctx)
     regimes = protocol(ctx)
     result: dict[str, Any] = {"seed": seed, "scale": ctx.scale, "regimes": {}}
     for name in REGIMES:

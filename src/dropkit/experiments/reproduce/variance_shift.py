@@ -323,26 +323,13 @@ def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:
 # Summary
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error over seeds (``std(ddof=1)/sqrt(n)``; NaN for one seed)."""
-    return _stats.mean_se(values, summation="sum")
-
-
-_count = _stats.count
-_seeds = _stats.seeds
-
-
-def _cell(values: Sequence[float], scale: float = 1.0) -> str:
-    return _stats.format_cell(values, scale=scale, summation="sum")
+#: Mean ± SE over seeds, sums left to right.
+_STATS = _stats.BUILTIN_SUM
 
 
 def _present(results: Sequence[Mapping[str, Any]]) -> list[str]:
     """The variants every seed ran, in table order."""
     return [key for key in VARIANTS if all(key in r["variants"] for r in results)]
-
-
-def _json_pair(values: Sequence[float]) -> list[float | None]:
-    return _stats.json_pair(values, summation="sum")
 
 
 def _shift_means(result: Mapping[str, Any], key: str) -> tuple[float, float, float]:
@@ -380,9 +367,10 @@ def _verdict(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Verdict:
     gain = _paired(results, ("before_bn", "recalibrated_accuracy"), ("before_bn", "accuracy"))
     published = "published (DenseNet-BC, CIFAR-100): 77.42 % without vs 68.55 % with dropout before BN"
     ours = (
-        f"ours (mean ± SE over {_seeds(n)}): dropout before BN loses {_cell(loss, 100)} points against "
-        f"no dropout, dropout after the last BN gains {_cell(after, 100)} points over it, re-estimating "
-        f"the BN statistics gains {_cell(gain, 100)} points; the measured shift is within "
+        f"ours (mean ± SE over {_stats.seeds(n)}): dropout before BN loses "
+        f"{_STATS.cell(loss, scale=100)} points against no dropout, dropout after the last BN gains "
+        f"{_STATS.cell(after, scale=100)} points over it, re-estimating the BN statistics gains "
+        f"{_STATS.cell(gain, scale=100)} points; the measured shift is within "
         f"{format_number(100 * worst_error, 2)} % of the formula"
     )
     if ctx.scale == "tiny":
@@ -415,7 +403,7 @@ def _verdict(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Verdict:
 
 def _above_zero(values: Sequence[float]) -> bool:
     """The paired differences are positive by more than 2 standard errors."""
-    mean, se = _mean_se(values)
+    mean, se = _STATS.mean_se(values)
     return not math.isnan(se) and mean - 2 * se > 0
 
 
@@ -454,7 +442,9 @@ def _draw_scatter(results: Sequence[Mapping[str, Any]]) -> Any:
 def _draw_bars(results: Sequence[Mapping[str, Any]]) -> Any:
     labels = [VARIANTS[key] for key in _present(results)]
     columns = {
-        field: [_mean_se([100 * a for a in _accuracies(results, key, field)]) for key in _present(results)]
+        field: [
+            _STATS.mean_se([100 * a for a in _accuracies(results, key, field)]) for key in _present(results)
+        ]
         for field in ("accuracy", "recalibrated_accuracy")
     }
 
@@ -491,8 +481,8 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
         label = VARIANTS[key]
         if key in SHIFTED:
             means = [_shift_means(r, key) for r in results]
-            measured = _cell([m[0] for m in means])
-            predicted = _cell([m[1] for m in means])
+            measured = _STATS.cell([m[0] for m in means])
+            predicted = _STATS.cell([m[1] for m in means])
         else:
             measured = predicted = "1 (no dropout feeds a BN)"
         rows.append(
@@ -500,12 +490,12 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
                 label,
                 measured,
                 predicted,
-                _cell(_accuracies(results, key, "accuracy"), 100),
-                _cell(_accuracies(results, key, "recalibrated_accuracy"), 100),
+                _STATS.cell(_accuracies(results, key, "accuracy"), scale=100),
+                _STATS.cell(_accuracies(results, key, "recalibrated_accuracy"), scale=100),
             ]
         )
     detail = Table(
-        title=f"Variance shift and test accuracy (%), mean ± SE over {_seeds(n)}",
+        title=f"Variance shift and test accuracy (%), mean ± SE over {_stats.seeds(n)}",
         columns=(
             "variant",
             "measured shift Var_test/Var_train",
@@ -524,23 +514,23 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
             [
                 "accuracy without / with dropout before BN (%)",
                 "77.42 / 68.55 (DenseNet-BC, CIFAR-100)",
-                f"{_cell(_accuracies(results, 'none', 'accuracy'), 100)} / "
-                f"{_cell(_accuracies(results, 'before_bn', 'accuracy'), 100)} ({first['data']})",
+                f"{_STATS.cell(_accuracies(results, 'none', 'accuracy'), scale=100)} / "
+                f"{_STATS.cell(_accuracies(results, 'before_bn', 'accuracy'), scale=100)} ({first['data']})",
             ],
             [
                 "accuracy recovered by dropout after the last BN (%)",
                 "dropout after all BN layers avoids the shift",
-                _cell(_accuracies(results, "after_last_bn", "accuracy"), 100),
+                _STATS.cell(_accuracies(results, "after_last_bn", "accuracy"), scale=100),
             ],
             [
                 "accuracy gained by recalibrating BN statistics (points)",
                 "re-estimating the moving statistics with dropout off recovers accuracy",
-                _cell(cost, 100),
+                _STATS.cell(cost, scale=100),
             ],
             [
                 "relative error of the formula, mean over channels",
                 "Var_test/Var_train = q·v/(v+(1-q)c²)",
-                f"{_cell([100 * e for e in errors])} %",
+                f"{_STATS.cell([100 * e for e in errors])} %",
             ],
         ],
     )
@@ -567,7 +557,8 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
     notes = [
         f"Data: {first['data']}, {first['n_train']} training and {first['n_test']} test images; "
         f"network: {first['layers']} DenseNet-BC layers of growth {first['growth']}, "
-        f"{_count(first['epochs'], 'epoch')} of Adam (lr {_LR:g}, batch {_BATCH}); dropout p = {first['p']}.",
+        f"{_stats.count(first['epochs'], 'epoch')} of Adam (lr {_LR:g}, batch {_BATCH}); "
+        f"dropout p = {first['p']}.",
         "Reduced from Li et al.'s DenseNet-BC (depth 100) on CIFAR-100 (300 epochs) to a few dense "
         "layers on digit images; the mechanism (dropout feeding BatchNorm, channels concatenated) is "
         "the same, the accuracies are not comparable across data sets.",
@@ -582,15 +573,16 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
         "BatchNorm in eval; BatchNorms behind a concatenation are not measured.",
     ]
     metrics: dict[str, Any] = {
-        "accuracy_recalibration_gain": _json_pair(cost),
-        "formula_relative_error": _json_pair(errors),
+        "accuracy_recalibration_gain": _STATS.json_pair(cost),
+        "formula_relative_error": _STATS.json_pair(errors),
     }
     for key in _present(results):
-        metrics[f"accuracy_{key}"] = _json_pair(_accuracies(results, key, "accuracy"))
+        metrics[f"accuracy_{key}"] = _STATS.json_pair(_accuracies(results, key, "accuracy"))
     ours = (
-        f"{_cell(_accuracies(results, 'none', 'accuracy'), 100)} % / "
-        f"{_cell(_accuracies(results, 'before_bn', 'accuracy'), 100)} % without / with dropout before BN "
-        f"({first['data']}); recalibrating BN: {_cell(cost, 100)} points; shift within "
+        f"{_STATS.cell(_accuracies(results, 'none', 'accuracy'), scale=100)} % / "
+        f"{_STATS.cell(_accuracies(results, 'before_bn', 'accuracy'), scale=100)} % "
+        "without / with dropout before BN "
+        f"({first['data']}); recalibrating BN: {_STATS.cell(cost, scale=100)} points; shift within "
         f"{format_number(100 * max(errors), 2)} % of the formula"
     )
     return Summary(
