@@ -8,7 +8,10 @@ stochastic-depth and ``handle.modules`` rules without those libraries.
 
 Realised rates are measured at each site on what the site's op received and returned (every
 op of an MC mode goes through ``MCDropoutHandle._per_sample``), with fixed seeds and the
-binomial tolerance of ``tests.conftest``.
+binomial tolerance of ``tests.conftest``.  An intercepted SDPA call keeps no attention weights
+(it runs :func:`dropkit.functional.scaled_dot_product_attention` per sample, on its fused or
+blocked path where they apply), so at those sites each per-sample call is run again with the
+same key on identity values, whose output is the dropped weights themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropkit
+from dropkit.functional._common import resolve_key
+from dropkit.functional.attention import _attention_weights_and_values
 from dropkit.mc.mode import (
     MCDropoutHandle,
     MCDropoutWarning,
@@ -40,27 +45,80 @@ from tests.real_models import fake_class, import_or_skip, tiny_bert, tiny_convne
 Records = dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
+SDPA = "scaled_dot_product_attention"  # what the MC mode calls an intercepted SDPA op
+
+
 @pytest.fixture
 def record_ops(monkeypatch: pytest.MonkeyPatch) -> Callable[[], contextlib.AbstractContextManager[Records]]:
-    """``with record_ops() as records``: the input and output of every stochastic op, per site."""
+    """``with record_ops() as records``: per site, the input and output of every stochastic op;
+    for an intercepted SDPA op, the attention weights and the dropped weights of each of its
+    per-sample calls (see :func:`_sdpa_weights`)."""
 
     @contextlib.contextmanager
     def recording() -> Iterator[Records]:
         records: Records = {}
+        running: list[tuple[str, nn.Module]] = []  # the ops running, innermost last
         original = MCDropoutHandle._per_sample
+        functional_sdpa = dropkit.functional.scaled_dot_product_attention
 
         def per_sample(
             self: MCDropoutHandle, call: Any, args: Any, split: Any, what: str, site: nn.Module
         ) -> Any:
-            output = original(self, call, args, split, what, site)
-            records.setdefault(site, []).append((args[0].detach().clone(), output.detach().clone()))
+            pairs = records.setdefault(site, [])
+            running.append((what, site))
+            try:
+                output = original(self, call, args, split, what, site)
+            finally:
+                running.pop()
+            if what != SDPA:
+                pairs.append((args[0].detach().clone(), output.detach().clone()))
+            return output
+
+        def sdpa(*args: Any, **kwargs: Any) -> Any:
+            if not running or running[-1][0] != SDPA:  # not an intercepted op (a dropkit layer)
+                return functional_sdpa(*args, **kwargs)
+            output, weights, dropped = _sdpa_weights(functional_sdpa, *args, **kwargs)
+            records[running[-1][1]].append((weights, dropped))
             return output
 
         with monkeypatch.context() as patch:
             patch.setattr(MCDropoutHandle, "_per_sample", per_sample)
+            patch.setattr(dropkit.functional, "scaled_dot_product_attention", sdpa)
             yield records
 
     return recording
+
+
+def _sdpa_weights(
+    functional: Callable[..., torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A per-sample call of an intercepted SDPA op, run as the op runs it: ``(output, weights,
+    dropped)``, with the attention weights, and the dropped weights that the same call (same key)
+    on identity values outputs.  The output is checked to be the dropped weights times the values.
+
+    Outside a sampling plan the op passes no key: the one its call would draw from the functional
+    stream is drawn here and given to both runs."""
+    if seed is None:
+        seed = resolve_key(query, None, None)
+    output = functional(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed=seed)
+    source = key.shape[-2]
+    identity = torch.eye(source, dtype=value.dtype, device=value.device).expand(*value.shape[:-2], -1, -1)
+    dropped = functional(query, key, identity, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed=seed)
+    weights, values = _attention_weights_and_values(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa
+    )
+    torch.testing.assert_close(output, torch.matmul(dropped.to(values.dtype), values).to(output.dtype))
+    return output, weights, dropped
 
 
 def _is_drop_path(module: nn.Module) -> bool:

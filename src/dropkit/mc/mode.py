@@ -61,10 +61,15 @@ Attention dropout, per path, with ``attention_p``:
   module (``attention_p=0.0`` silences it).  With ``attention_p`` given, every call gets the
   rate it resolves to on the calling module: a float is that rate, a string the (dotted)
   attribute of that name (``"config.attention_dropout"``), a callable ``module -> float | None``
-  its result; where a string or a callable finds nothing, the default rule applies.  A positive
-  rate runs attention by the explicit path of :func:`dropkit.functional.scaled_dot_product_attention`
-  (its argument checks and its maths: float32 for half inputs, zeros for rows that attend
-  nowhere) with dropkit dropout of the weights, instead of the fused kernel.
+  its result; where a string or a callable finds nothing, the default rule applies.  A call with
+  a positive rate runs :func:`dropkit.functional.scaled_dot_product_attention` instead of torch's
+  kernel, once per sample (on that sample's slice of the query, key, value and mask; arguments
+  that broadcast over the batch go whole), with the sample's key: its argument checks, its maths
+  (float32 for half inputs, zeros for rows that attend nowhere) and its paths, so the fused
+  Triton kernel on CUDA and the blocked path on the CPU (weights of at least
+  :data:`dropkit.functional.attention.BLOCKED_MIN_ELEMENTS` elements) keep nothing of size
+  ``L x S``.  Each weight gets the mask that dropping the whole materialised weights of the
+  sample with its key draws, whichever path runs.
 * Hugging Face eager attention (``attn_implementation="eager"``) and any attention that gates a
   functional dropout on ``self.training``
   (``F.dropout(weights, p=0.0 if not module.training else module.dropout.p)``): a
@@ -138,7 +143,8 @@ from torch import nn
 
 from dropkit import functional as dk_F
 from dropkit._validation import check_bool
-from dropkit.functional.attention import _attention_weights_and_values, _check_attention_args, _check_scale
+from dropkit.functional.attention import _check_attention_args, _check_scale
+from dropkit.kernels.attention import batch_shape
 from dropkit.mc.patching import (
     FRAME_ATTRIBUTE,
     Frame,
@@ -614,23 +620,53 @@ class MCDropoutHandle:
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
-        """Run an intercepted SDPA call: with the rate found (see :mod:`dropkit.mc.mode`) by the
-        maths of :func:`dropkit.functional.scaled_dot_product_attention`, the weights dropped
-        with this op's keys; with rate 0, by ``original`` (torch's function) unchanged."""
+        """Run an intercepted SDPA call: with the rate found (see :mod:`dropkit.mc.mode`) by
+        :func:`dropkit.functional.scaled_dot_product_attention`, once per sample on that sample's
+        slice of the arguments with its key; with rate 0, by ``original`` (torch's function)
+        unchanged."""
         rate, site = self._attention_rate(frame.module, float(dropout_p), sdpa=True)
         if rate == 0.0:
             return original(query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
         query, key, value = _check_attention_args(query, key, value, attn_mask, is_causal, enable_gqa)
-        weights, values = _attention_weights_and_values(
-            query, key, value, attn_mask, is_causal, _check_scale(scale), enable_gqa
-        )
+        scale = _check_scale(scale)
+        split = _attention_batch_arguments(query, key, value, attn_mask, enable_gqa)
         self.intercepted_calls += 1
 
         def call(call_args: list[Any], sample_key: torch.Tensor | None) -> torch.Tensor:
-            return dk_F.dropout(call_args[0], rate, True, False, seed=sample_key)
+            q, k, v, mask = call_args
+            return dk_F.scaled_dot_product_attention(
+                q, k, v, mask, rate, is_causal, scale, enable_gqa, seed=sample_key
+            )
 
-        weights = self._per_sample(call, [weights], (0,), "scaled_dot_product_attention", site)
-        return torch.matmul(weights, values).to(query.dtype)  # as the functional's explicit path
+        return self._per_sample(
+            call, [query, key, value, attn_mask], split, "scaled_dot_product_attention", site
+        )
+
+
+def _attention_batch_arguments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    enable_gqa: bool,
+) -> tuple[int, ...]:
+    """The arguments of an SDPA call (``query, key, value, attn_mask``) whose dim 0 is dim 0 of
+    its attention weights, at full size: those a sampling plan cuts per sample.
+
+    The others broadcast over that dim (size 1 there, or fewer dims) and go whole to every
+    sample's call.  Either way a sample's call computes its slice of the weights, and the engine
+    reads the mask of that slice's weight ``(b, i, j)`` at ``(b * L + i) * S + j`` under the
+    sample's key: the mask that dropping that slice of the materialised weights draws.  Without
+    batch dims the weights' dim 0 is the query rows, which only the query and the mask have.
+    """
+    batch = batch_shape(query, key, value, enable_gqa)
+    dims, lead = len(batch) + 2, batch[0] if batch else query.shape[-2]
+    arguments = (query, key, value, attn_mask) if batch else (query, None, None, attn_mask)
+    return tuple(
+        index
+        for index, argument in enumerate(arguments)
+        if argument is not None and argument.dim() == dims and argument.shape[0] == lead
+    )
 
 
 def _number(module: nn.Module, attribute: str) -> float:
