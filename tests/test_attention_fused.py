@@ -47,10 +47,14 @@ from dropkit.kernels import KernelFallbackWarning, dispatch
 from dropkit.kernels import attention as kernels_attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 F64 = torch.float64
 P = 0.3
 SEED = 11
+# Where the cases build their tensors: the CPU here and in the interpreter child, the GPU in the
+# CUDA child (which runs the same cases on the compiled kernels).
+DEVICE = torch.device("cpu")
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers (this process and the interpreter child)
@@ -59,7 +63,7 @@ SEED = 11
 
 def _randn(*shape: int, dtype: torch.dtype = F64, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
 
 
 def _case(
@@ -147,13 +151,13 @@ def _expected_kept(
         kwargs.get("enable_gqa", False),
     )
     keep = threshold_keep_mask(key.cpu(), drop_threshold(p), list(weights.shape))
-    return keep & (weights > 0)
+    return keep & (weights.cpu() > 0)
 
 
 def _identity_value(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """A value whose every key row is a unit vector: attention then returns the dropped weights."""
     source = k.shape[-2]
-    return torch.eye(source, dtype=q.dtype).expand(*k.shape[:-2], source, source)
+    return torch.eye(source, dtype=q.dtype, device=q.device).expand(*k.shape[:-2], source, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ def test_blocked_path_equals_materialised_path(name: str, block_size: int) -> No
 def test_blocked_path_masks_are_the_engine_masks_exactly(name: str) -> None:
     q, k, _, kwargs = _case(name)
     eye = _identity_value(q, k)
-    key = make_key(SEED)
+    key = make_key(SEED).to(DEVICE)
     expected = _expected_kept(q, k, kwargs, key)
     for block_size in (1, 3, 5, 100):
         dropped = sdpa(q, k, eye, dropout_p=P, seed=key, block_size=block_size, **kwargs)
@@ -629,14 +633,14 @@ def _check_kernel_masks(
     q = _randn(2, heads, length, 16, dtype=dtype, seed=1)
     k = _randn(2, heads, source, 16, dtype=dtype, seed=2)
     v = _identity_value(q, k).clone().requires_grad_()
-    key = make_key(SEED)
+    key = make_key(SEED).to(DEVICE)
     expected = _expected_kept(q, k, kwargs, key)
     with _Spy() as spy, _triton_attention().block_sizes(*tiles):
         dropped = sdpa(q, k, v, dropout_p=P, seed=key, **kwargs)
         (grad_v,) = torch.autograd.grad(dropped, v, _identity_value(q, q))
     assert spy.calls == 1
-    assert torch.equal(dropped != 0, expected), "forward mask"
-    assert torch.equal(grad_v.transpose(-2, -1) != 0, expected), "backward mask"
+    assert torch.equal((dropped != 0).cpu(), expected), "forward mask"
+    assert torch.equal((grad_v.transpose(-2, -1) != 0).cpu(), expected), "backward mask"
 
 
 def _register_kernel_cases() -> None:
@@ -663,12 +667,17 @@ def _register_kernel_cases() -> None:
 _register_kernel_cases()
 
 
-@case("interpreter-active")
-def _interpreter_active() -> None:
+@case("kernels-active")
+def _kernels_active() -> None:
     import triton
 
-    assert triton.knobs.runtime.interpret, "the worker must run with TRITON_INTERPRET=1"
-    assert _triton_attention()._forward_kernel.__class__.__name__ == "InterpretedFunction"
+    kernel_class = _triton_attention()._forward_kernel.__class__.__name__
+    if DEVICE.type == "cuda":  # compiled kernels on the GPU
+        assert not triton.knobs.runtime.interpret, "the CUDA worker must run without TRITON_INTERPRET"
+        assert kernel_class == "JITFunction", kernel_class
+    else:
+        assert triton.knobs.runtime.interpret, "the worker must run with TRITON_INTERPRET=1"
+        assert kernel_class == "InterpretedFunction", kernel_class
 
 
 @case("kernel-many-tiles-and-default-tiles")
@@ -730,7 +739,7 @@ def _lse() -> None:
         q, k, v, kwargs = _case(name, torch.float32)
         args = (
             kwargs.get("attn_mask"), kwargs.get("is_causal", False), None, kwargs.get("enable_gqa", False),
-            make_key(SEED), drop_threshold(P), inverted_scale(P),
+            make_key(SEED).to(DEVICE), drop_threshold(P), inverted_scale(P),
         )  # fmt: skip
         _, lse = _triton_attention().forward(q, k, v, *args)
         with dropkit.use_reference_engine():  # the kernels off: the blocked path
@@ -759,6 +768,32 @@ def _compiled() -> None:
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
     for a, b in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+CUDA_ONLY = {"kernel-compiled-inductor": "Inductor's code for the GPU: the CUDA worker only"}
+
+
+@case("kernel-compiled-inductor")
+def _compiled_inductor() -> None:
+    # On the GPU, Inductor compiles the model around dropkit::engine_attention: the fused kernels
+    # run inside the compiled graph, forward and backward, with the eager masks.
+    q, k, v, kwargs = _case("causal", torch.float16)
+    leaves = _leaves(q, k, v)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sdpa(q * 2.0, k, v, dropout_p=P, seed=SEED, **kwargs) * 3.0
+
+    with _triton_attention().block_sizes(16, 16):
+        expected = attend(*leaves)
+        expected_grads = _grads(expected, leaves)
+        compiled = torch.compile(attend, fullgraph=True, dynamic=False)
+        with _Spy() as spy:
+            got = compiled(*leaves)
+            got_grads = _grads(got, leaves)
+    assert spy.calls == 1
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -862,22 +897,29 @@ def _start_worker(mode: str, report: Path) -> subprocess.Popen[str]:
 
 
 @pytest.fixture(scope="module")
+def cuda_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """The cases run by a child on the GPU (the compiled kernels, the tensors on CUDA)."""
+    root = tmp_path_factory.mktemp("attention_cuda_worker")
+    return {"cuda": _collect(_start_worker("cuda", root / "cuda.json"), root / "cuda.json")}
+
+
+def _collect(worker: subprocess.Popen[str], report: Path) -> dict[str, Any]:
+    try:
+        stdout, stderr = worker.communicate(timeout=1500)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        stdout, stderr = worker.communicate()
+    if worker.returncode != 0 or not report.exists():
+        return {"__crash__": f"exit {worker.returncode}:\n{stdout[-3000:]}\n{stderr[-6000:]}"}
+    result: dict[str, Any] = json.loads(report.read_text())
+    return result
+
+
+@pytest.fixture(scope="module")
 def worker_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     root = tmp_path_factory.mktemp("attention_workers")
     workers = {mode: _start_worker(mode, root / f"{mode}.json") for mode in ("interpret", "compile")}
-    reports = {}
-    for mode, worker in workers.items():
-        try:
-            stdout, stderr = worker.communicate(timeout=1500)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            stdout, stderr = worker.communicate()
-        report = root / f"{mode}.json"
-        if worker.returncode != 0 or not report.exists():
-            reports[mode] = {"__crash__": f"exit {worker.returncode}:\n{stdout[-3000:]}\n{stderr[-6000:]}"}
-        else:
-            reports[mode] = json.loads(report.read_text())
-    return reports
+    return {mode: _collect(worker, root / f"{mode}.json") for mode, worker in workers.items()}
 
 
 def _report_case(reports: dict[str, dict[str, Any]], mode: str, name: str) -> None:
@@ -900,6 +942,14 @@ def test_interpreted_kernel(name: str, worker_reports: dict[str, dict[str, Any]]
     _report_case(worker_reports, "interpret", name)
 
 
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs CUDA and triton")
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_kernel(name: str, cuda_report: dict[str, dict[str, Any]]) -> None:
+    """The same cases on a GPU: the compiled kernels against the materialised engine path there,
+    masks against the CPU engine's bits."""
+    _report_case(cuda_report, "cuda", name)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("spec", COMPILE_CASES, ids=[_compile_case_id(*c) for c in COMPILE_CASES])
@@ -914,17 +964,22 @@ def test_kernel_compiles_for_sm90(
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_cases(cases: dict[str, Callable[[], None]], skipped: str | None) -> dict[str, dict[str, Any]]:
+def _run_cases(
+    cases: dict[str, Callable[[], None]], skipped: str | None, unavailable: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for name, check in cases.items():
-        if skipped is not None:
-            results[name] = {"error": None, "skipped": skipped}
+        reason = skipped if skipped is not None else (unavailable or {}).get(name)
+        if reason is not None:
+            results[name] = {"error": None, "skipped": reason}
             continue
         started = time.perf_counter()
         error = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # as pytest's filterwarnings = error
+                # ... and its exceptions (pyproject.toml): Inductor's TF32 advice on a GPU.
+                warnings.filterwarnings("ignore", "TensorFloat32 tensor cores", UserWarning)
                 check()
         except Exception:
             error = traceback.format_exc()
@@ -939,8 +994,9 @@ def _give_the_cpu_the_fused_kernels() -> None:
 
 
 def _main(argv: list[str]) -> int:
-    usage = "usage: test_attention_fused.py {interpret|compile} REPORT.json [CASE ...]"
-    if len(argv) < 2 or argv[0] not in ("interpret", "compile"):
+    global DEVICE
+    usage = "usage: test_attention_fused.py {interpret|compile|cuda} REPORT.json [CASE ...]"
+    if len(argv) < 2 or argv[0] not in ("interpret", "compile", "cuda"):
         print(usage, file=sys.stderr)
         return 2
     mode, report, names = argv[0], Path(argv[1]), argv[2:]
@@ -949,6 +1005,12 @@ def _main(argv: list[str]) -> int:
             print("interpret mode needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
             return 2
         _give_the_cpu_the_fused_kernels()
+        results = _run_cases({name: CASES[name] for name in names or CASES}, None, CUDA_ONLY)
+    elif mode == "cuda":
+        if os.environ.get("TRITON_INTERPRET", "0") != "0" or not torch.cuda.is_available():
+            print("cuda mode needs a GPU and TRITON_INTERPRET unset", file=sys.stderr)
+            return 2
+        DEVICE = torch.device("cuda")
         results = _run_cases({name: CASES[name] for name in names or CASES}, None)
     else:
         if os.environ.get("TRITON_INTERPRET", "0") != "0":

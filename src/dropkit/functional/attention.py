@@ -64,30 +64,6 @@ def _check_scale(scale: object) -> float | None:
     return float(scale)
 
 
-def _batched_attention_args(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    enable_gqa: bool,
-) -> list[torch.Tensor | None]:
-    """``[query, key, value, attn_mask]`` (checked) expanded, as views, to the batch dims of the
-    attention weights (key and value keep their heads under grouped-query attention, the mask
-    becomes ``(*batch, L, S)``): cutting them along dim 0 cuts the weights along dim 0, so a call
-    per piece with its own key draws the masks that dropping each piece of the weights draws (what
-    :func:`dropkit.mc.mc_predict` does per sample).  Needs batch dims (3-D or wider inputs)."""
-    batch = batch_shape(query, key, value, enable_gqa)
-    key_batch = list(batch)
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        key_batch[-1] = key.shape[-3]
-    return [
-        query.expand(*batch, *query.shape[-2:]),
-        key.expand(*key_batch, *key.shape[-2:]),
-        value.expand(*key_batch, *value.shape[-2:]),
-        None if attn_mask is None else attn_mask.expand(*batch, query.shape[-2], key.shape[-2]),
-    ]
-
-
 def _check_attention_args(
     query: object,
     key: object,
