@@ -704,6 +704,21 @@ def _head_dim_128() -> None:
     _check_kernel("", torch.float32, inputs=(q, k, v, {"attn_mask": _randn(20, 24, seed=4) > -0.5}))
 
 
+@case("kernel-output-layout")
+def _output_layout() -> None:
+    # (batch, heads, L, Dv) outputs are laid out as torch's flash kernel lays them out, so that
+    # merging the heads for the output projection is a view (no copy beside the saved output).
+    q, k, v, kwargs = _case("causal", torch.float16)
+    with _Spy() as spy:
+        out = sdpa(q, k, v, dropout_p=P, seed=SEED, **kwargs)
+    assert spy.calls == 1
+    merged = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+    assert merged.data_ptr() == out.data_ptr(), "merging the heads copied"
+    with dropkit.use_reference_engine():
+        expected = sdpa(q, k, v, dropout_p=P, seed=SEED, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+
+
 @case("kernel-rate-edges")
 def _rate_edges() -> None:
     for p in (1.0, 1e-6, 0.999):

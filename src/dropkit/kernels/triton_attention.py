@@ -525,7 +525,13 @@ def forward(
     inputs = _Inputs(query, key, value, attn_mask, scale, enable_gqa)
     q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.mask
     z, heads, length_q, _ = q.shape
-    out = q.new_empty((z, heads, length_q, v.shape[-1]))
+    if len(inputs.batch) == 2:
+        # Torch's flash layout, (batch, L, heads, Dv) in memory: the usual
+        # out.transpose(1, 2).reshape(batch, L, heads * Dv) before the output projection is then
+        # a view, not a second copy of the output next to the one kept for backward.
+        out = q.new_empty((z, length_q, heads, v.shape[-1])).transpose(1, 2)
+    else:
+        out = q.new_empty((z, heads, length_q, v.shape[-1]))
     lse = torch.empty((z, heads, length_q), dtype=torch.float32, device=q.device)
     meta = _meta("forward", q, k, v, mask, is_causal, threshold)
     grid = (triton.cdiv(length_q, meta["BLOCK_M"]), z * heads)
