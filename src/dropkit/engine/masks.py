@@ -13,14 +13,18 @@ Bit layout (the contract that every fast kernel reproduces bit for bit):
   and words 2, 3 give ``4n + 2``, ``4n + 3`` by the Box-Muller transform of the uniforms
   ``((w >> 8) + 0.5) * 2**-24``.
 
-Work is done in chunks of counters; the chunk size changes nothing but peak memory.
+Work is done in chunks of counters; the chunk size changes nothing but peak memory.  The Philox
+words themselves may come from a faster generator of the same bits: the kernels layer registers
+one (:func:`set_philox_words_backend`; numba on the CPU), which every function here then uses in
+eager mode, so the Gaussian and structured noise built on :func:`philox_words` is fast without a
+second copy of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -35,12 +39,26 @@ __all__ = [
     "philox_words",
     "random_bits16",
     "random_bits32",
+    "set_philox_words_backend",
     "threshold_keep_mask",
 ]
 _ELEMENTS_PER_COUNTER = 8  # 4 words x 2 halves of 16 bits
 _NORMALS_PER_COUNTER = 4
 
 _chunk_counters = 1 << 20
+
+#: ``(key, first, count) -> (w0, w1, w2, w3) | None``: the same words from a faster generator, or
+#: ``None`` where it does not apply (tracing, another device, the reference engine forced).
+WordsBackend = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, ...] | None"]
+_words_backend: WordsBackend | None = None
+
+
+def set_philox_words_backend(backend: WordsBackend | None) -> WordsBackend | None:
+    """Let :func:`philox_words` ask ``backend`` first (``None``: tensor ops only); returns the
+    previous one.  The backend must return exactly the words of the tensor-op generator."""
+    global _words_backend
+    previous, _words_backend = _words_backend, backend
+    return previous
 
 
 @contextlib.contextmanager
@@ -63,6 +81,10 @@ def mask_shape(shape: Sequence[int], broadcast_dims: Sequence[int]) -> list[int]
 
 def philox_words(key: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, ...]:
     """The four 32-bit output words (int64 tensors) of counters ``first .. first + count - 1``."""
+    if _words_backend is not None:
+        words = _words_backend(key, first, count)
+        if words is not None:
+            return words
     counters = torch.arange(first, first + count, dtype=torch.int64, device=key.device)
     seed, stream, step = key[0], key[1], key[2]
     return philox4x32(

@@ -11,5 +11,13 @@ from dropkit.kernels.dispatch import Backend as Backend
 from dropkit.kernels.dispatch import KernelFallbackWarning as KernelFallbackWarning
 from dropkit.kernels.dispatch import backend_for as backend_for
 from dropkit.kernels.dispatch import use_reference_engine as use_reference_engine
+from dropkit.kernels.words import kernel_philox_words as kernel_philox_words
 
-__all__ = ["FORCE_REFERENCE_ENV", "Backend", "KernelFallbackWarning", "backend_for", "use_reference_engine"]
+__all__ = [
+    "FORCE_REFERENCE_ENV",
+    "Backend",
+    "KernelFallbackWarning",
+    "backend_for",
+    "kernel_philox_words",
+    "use_reference_engine",
+]

@@ -256,3 +256,21 @@ def _reset_backends() -> None:
     """Forget loaded and failed backends (tests simulate failures with it)."""
     for backend in _BACKENDS.values():
         backend.reset()
+
+
+def use_reference_engine_now() -> bool:
+    """Whether :func:`use_reference_engine` (or ``DROPKIT_FORCE_REFERENCE``) is in force here."""
+    return _force_reference.get()
+
+
+def loaded_kernels(device_type: str) -> ModuleType | None:
+    """The kernel module of ``device_type`` once it has loaded and passed its self-check (loading
+    it now if nobody is), else ``None``.  While a load is under way, in this thread (its
+    self-check draws reference masks through callers of this) or another, the answer is ``None``
+    rather than a wait on the load's lock."""
+    backend = _BACKENDS.get(device_type)
+    if backend is None:
+        return None
+    if backend.module is None and backend.failure is None and not backend._lock.locked():
+        return backend.load()
+    return backend.module
