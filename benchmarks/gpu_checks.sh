@@ -39,7 +39,7 @@ for name in $STEPS; do
     fused)
         # The fused-attention cases run by the worker directly: its JSON report keeps each
         # failure's traceback even if the step is cut off later.
-        TAIL=5 step fused "${FUSED_LIMIT:-240}" $PYTHON tests/test_attention_fused.py cuda "$OUT/fused.json"
+        TAIL=5 step fused "${FUSED_LIMIT:-240}" $PYTHON -m tests.test_attention_fused cuda "$OUT/fused.json"
         $PYTHON - "$OUT/fused.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))

@@ -13,25 +13,21 @@ The Triton cases run in a child Python with ``TRITON_INTERPRET=1`` (as in
 which the CPU is given the fused kernels (``dropkit.kernels.attention._FUSED["cpu"]``), so that
 :func:`dropkit.functional.scaled_dot_product_attention` dispatches CPU tensors to the interpreted
 kernels exactly as it dispatches CUDA tensors to compiled ones.  A second child compiles the
-kernels for sm_90 without a GPU.  To debug directly::
+kernels for sm_90 without a GPU, and on a machine with one, a third runs the cases on the GPU
+(the harness: :mod:`tests.triton_workers`).  To debug directly, from the repository root::
 
-    TRITON_INTERPRET=1 python tests/test_attention_fused.py interpret /tmp/report.json [CASE ...]
-    python tests/test_attention_fused.py compile /tmp/report.json [CASE ...]
+    TRITON_INTERPRET=1 python -m tests.test_attention_fused interpret /tmp/report.json [CASE ...]
+    python -m tests.test_attention_fused compile /tmp/report.json [CASE ...]
+    python -m tests.test_attention_fused cuda /tmp/report.json [CASE ...]
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import json
-import os
-import subprocess
 import sys
-import time
-import traceback
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +41,7 @@ from dropkit.engine.streams import make_key
 from dropkit.functional.attention import scaled_dot_product_attention as sdpa
 from dropkit.kernels import KernelFallbackWarning, dispatch
 from dropkit.kernels import attention as kernels_attention
+from tests import triton_workers as workers
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -55,6 +52,8 @@ SEED = 11
 # Where the cases build their tensors: the CPU here and in the interpreter child, the GPU in the
 # CUDA child (which runs the same cases on the compiled kernels).
 DEVICE = torch.device("cpu")
+# What the worker children run (python -m, from the repository root).
+MODULE = "tests.test_attention_fused"
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers (this process and the interpreter child)
@@ -547,15 +546,8 @@ def test_a_failing_row_kernel_falls_back_to_the_reference(monkeypatch: pytest.Mo
 # The Triton kernels (run in the child, under TRITON_INTERPRET=1)
 # ---------------------------------------------------------------------------------------------
 
-CASES: dict[str, Callable[[], None]] = {}
-
-
-def case(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
-    def register(fn: Callable[[], None]) -> Callable[[], None]:
-        CASES[name] = fn
-        return fn
-
-    return register
+CASES = workers.CaseRegistry()
+case = CASES.case
 
 
 def _triton_attention() -> Any:
@@ -878,128 +870,51 @@ def _compile_for_sm90(kernel: str, dtype: str, head_dim: int, mask_kind: int, al
     assert compiled.asm["cubin"], "no cubin"
 
 
-def _offline_compile_unavailable() -> str | None:
-    try:
-        import triton
-        from triton.backends import backends
-    except ImportError as error:
-        return f"triton backends unavailable: {error}"
-    if "nvidia" not in backends:
-        return "this triton has no NVIDIA backend"
-    try:
-        ptxas = triton.knobs.nvidia.ptxas.path
-    except Exception as error:  # any failure to locate the tool means "cannot compile here"
-        return f"ptxas not found: {error}"
-    return None if ptxas and Path(ptxas).exists() else "ptxas not found"
-
-
 # ---------------------------------------------------------------------------------------------
 # The pytest side of the children
 # ---------------------------------------------------------------------------------------------
 
 
-def _start_worker(mode: str, report: Path) -> subprocess.Popen[str]:
-    package_root = str(Path(dropkit.__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    env.pop("TRITON_INTERPRET", None)
-    if mode == "interpret":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env["TRITON_CACHE_DIR"] = str(report.parent / "triton-cache")
-    command = [sys.executable, str(Path(__file__).resolve()), mode, str(report)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module")
+def worker_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, workers.Report]:
+    root = tmp_path_factory.mktemp("attention_workers")
+    return workers.run_workers(MODULE, ("interpret", "compile"), root, timeout=1500)
 
 
 @pytest.fixture(scope="module")
-def cuda_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+def cuda_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, workers.Report]:
     """The cases run by a child on the GPU (the compiled kernels, the tensors on CUDA)."""
     root = tmp_path_factory.mktemp("attention_cuda_worker")
-    return {"cuda": _collect(_start_worker("cuda", root / "cuda.json"), root / "cuda.json")}
-
-
-def _collect(worker: subprocess.Popen[str], report: Path) -> dict[str, Any]:
-    try:
-        stdout, stderr = worker.communicate(timeout=1500)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        stdout, stderr = worker.communicate()
-    if worker.returncode != 0 or not report.exists():
-        return {"__crash__": f"exit {worker.returncode}:\n{stdout[-3000:]}\n{stderr[-6000:]}"}
-    result: dict[str, Any] = json.loads(report.read_text())
-    return result
-
-
-@pytest.fixture(scope="module")
-def worker_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    root = tmp_path_factory.mktemp("attention_workers")
-    workers = {mode: _start_worker(mode, root / f"{mode}.json") for mode in ("interpret", "compile")}
-    return {mode: _collect(worker, root / f"{mode}.json") for mode, worker in workers.items()}
-
-
-def _report_case(reports: dict[str, dict[str, Any]], mode: str, name: str) -> None:
-    report = reports[mode]
-    if "__crash__" in report:
-        pytest.fail(f"the {mode} worker failed, {report['__crash__']}", pytrace=False)
-    result = report.get(name)
-    if result is None:
-        pytest.fail(f"the {mode} worker reported nothing for case {name!r}", pytrace=False)
-    if result.get("skipped"):
-        pytest.skip(result["skipped"])
-    if result["error"] is not None:
-        pytest.fail(f"case {name!r} failed in the {mode} worker:\n{result['error']}", pytrace=False)
+    return workers.run_workers(MODULE, ("cuda",), root, timeout=1500)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("name", list(CASES))
-def test_interpreted_kernel(name: str, worker_reports: dict[str, dict[str, Any]]) -> None:
-    _report_case(worker_reports, "interpret", name)
+def test_interpreted_kernel(name: str, worker_reports: dict[str, workers.Report]) -> None:
+    workers.report_case(worker_reports, "interpret", name)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs CUDA and triton")
 @pytest.mark.parametrize("name", list(CASES))
-def test_cuda_kernel(name: str, cuda_report: dict[str, dict[str, Any]]) -> None:
+def test_cuda_kernel(name: str, cuda_report: dict[str, workers.Report]) -> None:
     """The same cases on a GPU: the compiled kernels against the materialised engine path there,
     masks against the CPU engine's bits."""
-    _report_case(cuda_report, "cuda", name)
+    workers.report_case(cuda_report, "cuda", name)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("spec", COMPILE_CASES, ids=[_compile_case_id(*c) for c in COMPILE_CASES])
 def test_kernel_compiles_for_sm90(
-    spec: tuple[str, str, int, int, bool], worker_reports: dict[str, dict[str, Any]]
+    spec: tuple[str, str, int, int, bool], worker_reports: dict[str, workers.Report]
 ) -> None:
-    _report_case(worker_reports, "compile", _compile_case_id(*spec))
+    workers.report_case(worker_reports, "compile", _compile_case_id(*spec))
 
 
 # ---------------------------------------------------------------------------------------------
 # The child side
 # ---------------------------------------------------------------------------------------------
-
-
-def _run_cases(
-    cases: dict[str, Callable[[], None]], skipped: str | None, unavailable: dict[str, str] | None = None
-) -> dict[str, dict[str, Any]]:
-    results: dict[str, dict[str, Any]] = {}
-    for name, check in cases.items():
-        reason = skipped if skipped is not None else (unavailable or {}).get(name)
-        if reason is not None:
-            results[name] = {"error": None, "skipped": reason}
-            continue
-        started = time.perf_counter()
-        error = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # as pytest's filterwarnings = error
-                # ... and its exceptions (pyproject.toml): Inductor's TF32 advice on a GPU.
-                warnings.filterwarnings("ignore", "TensorFloat32 tensor cores", UserWarning)
-                check()
-        except Exception:
-            error = traceback.format_exc()
-        results[name] = {"error": error, "seconds": round(time.perf_counter() - started, 3)}
-    return results
 
 
 def _give_the_cpu_the_fused_kernels() -> None:
@@ -1008,37 +923,20 @@ def _give_the_cpu_the_fused_kernels() -> None:
     kernels_attention._FUSED["cpu"] = kernels_attention._FUSED["cuda"]
 
 
-def _main(argv: list[str]) -> int:
+def _run_on_the_gpu() -> str | None:
+    """In the CUDA child: the cases build their tensors on the GPU (the compiled kernels)."""
     global DEVICE
-    usage = "usage: test_attention_fused.py {interpret|compile|cuda} REPORT.json [CASE ...]"
-    if len(argv) < 2 or argv[0] not in ("interpret", "compile", "cuda"):
-        print(usage, file=sys.stderr)
-        return 2
-    mode, report, names = argv[0], Path(argv[1]), argv[2:]
-    if mode == "interpret":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("interpret mode needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
-            return 2
-        _give_the_cpu_the_fused_kernels()
-        results = _run_cases({name: CASES[name] for name in names or CASES}, None, CUDA_ONLY)
-    elif mode == "cuda":
-        if os.environ.get("TRITON_INTERPRET", "0") != "0" or not torch.cuda.is_available():
-            print("cuda mode needs a GPU and TRITON_INTERPRET unset", file=sys.stderr)
-            return 2
-        DEVICE = torch.device("cuda")
-        results = _run_cases({name: CASES[name] for name in names or CASES}, None)
-    else:
-        if os.environ.get("TRITON_INTERPRET", "0") != "0":
-            print("compile mode needs TRITON_INTERPRET unset", file=sys.stderr)
-            return 2
-        compile_cases: dict[str, Callable[[], None]] = {
-            _compile_case_id(*spec): functools.partial(_compile_for_sm90, *spec) for spec in COMPILE_CASES
-        }
-        cases = {name: compile_cases[name] for name in names or compile_cases}
-        results = _run_cases(cases, _offline_compile_unavailable())
-    report.write_text(json.dumps(results, indent=1))
-    return 0
+    if not torch.cuda.is_available():
+        return "cuda mode needs a GPU"
+    DEVICE = torch.device("cuda")
+    return None
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    compile_cases = {_compile_case_id(*c): functools.partial(_compile_for_sm90, *c) for c in COMPILE_CASES}
+    modes = {
+        "interpret": workers.Mode(CASES.cases, setup=_give_the_cpu_the_fused_kernels, unavailable=CUDA_ONLY),
+        "compile": workers.Mode(compile_cases, skip_all=workers.offline_compile_unavailable),
+        "cuda": workers.Mode(CASES.cases, setup=_run_on_the_gpu),
+    }
+    sys.exit(workers.main(sys.argv[1:], modes))

@@ -6,38 +6,32 @@ decorates a function, i.e. when ``triton.language`` (``tl.philox`` is itself a j
 compiled-mode triton (``torch.compile`` imports it), and setting the variable here would turn
 every other test's Triton kernels into interpreted ones.  So this process never imports triton:
 the checks in ``CASES`` run in a child Python started with ``TRITON_INTERPRET=1``, which runs
-this file as a script, executes every case with warnings as errors and writes a JSON report;
+this file as a module, executes every case with warnings as errors and writes a JSON report;
 each parametrized ``test_interpreted`` reports its own case, with the child's traceback.  A
 second child, in compiled mode, builds the kernels for sm_90 without a GPU and checks the PTX
-(``COMPILE_CASES``).  The two run side by side, each paying the torch and triton import once.
-To debug directly::
+(``COMPILE_CASES``).  The two run side by side, each paying the torch and triton import once
+(the harness: :mod:`tests.triton_workers`).  To debug directly, from the repository root::
 
-    TRITON_INTERPRET=1 python tests/test_kernels_triton.py interpret /tmp/report.json [CASE ...]
-    python tests/test_kernels_triton.py compile /tmp/report.json [CASE ...]
+    TRITON_INTERPRET=1 python -m tests.test_kernels_triton interpret /tmp/report.json [CASE ...]
+    python -m tests.test_kernels_triton compile /tmp/report.json [CASE ...]
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import json
-import os
-import subprocess
 import sys
-import time
-import traceback
-import warnings
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
-import dropkit
 from dropkit.engine import reference
 from dropkit.engine.masks import threshold_keep_mask
 from dropkit.engine.numerics import compute_dtype, drop_threshold, inverted_scale
 from dropkit.engine.philox import MASK32, philox4x32
+from tests import triton_workers as workers
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -58,15 +52,8 @@ KAT = [
     ),
 ]
 
-CASES: dict[str, Callable[[], None]] = {}
-
-
-def case(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
-    def register(fn: Callable[[], None]) -> Callable[[], None]:
-        CASES[name] = fn
-        return fn
-
-    return register
+CASES = workers.CaseRegistry()
+case = CASES.case
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,86 +480,30 @@ def _compile_for_sm90(kernel: str, dtype: str, variant: str) -> None:
         assert vector in ptx, f"no 16-byte loads ({vector}) on the mask-free path"
 
 
-def _offline_compile_unavailable() -> str | None:
-    """Why this triton cannot build for an NVIDIA GPU here, or None if it can."""
-    try:
-        import triton
-        from triton.backends import backends
-    except ImportError as error:
-        return f"triton backends unavailable: {error}"
-    if "nvidia" not in backends:
-        return "this triton has no NVIDIA backend"
-    try:
-        ptxas = triton.knobs.nvidia.ptxas.path
-    except Exception as error:  # any failure to locate the tool means "cannot compile here"
-        return f"ptxas not found: {error}"
-    return None if ptxas and Path(ptxas).exists() else "ptxas not found"
-
-
 # ---------------------------------------------------------------------------------------------
 # The pytest side (this process never imports triton)
 # ---------------------------------------------------------------------------------------------
 
 
-def _start_worker(mode: str, report: Path) -> subprocess.Popen[str]:
-    # The children must import the same dropkit as this process, installed or not.
-    package_root = str(Path(dropkit.__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    env.pop("TRITON_INTERPRET", None)
-    if mode == "interpret":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env["TRITON_CACHE_DIR"] = str(report.parent / "triton-cache")
-    command = [sys.executable, str(Path(__file__).resolve()), mode, str(report)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.fixture(scope="session")
-def worker_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+def worker_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, workers.Report]:
     """Both children, run side by side: ``{"interpret": {case: result}, "compile": {...}}``."""
     root = tmp_path_factory.mktemp("triton_workers")
-    workers = {mode: _start_worker(mode, root / f"{mode}.json") for mode in ("interpret", "compile")}
-    reports = {}
-    for mode, worker in workers.items():
-        try:
-            stdout, stderr = worker.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            stdout, stderr = worker.communicate()
-        report = root / f"{mode}.json"
-        if worker.returncode != 0 or not report.exists():
-            reports[mode] = {"__crash__": f"exit {worker.returncode}:\n{stdout[-3000:]}\n{stderr[-6000:]}"}
-        else:
-            reports[mode] = json.loads(report.read_text())
-    return reports
-
-
-def _report_case(reports: dict[str, dict[str, Any]], mode: str, name: str) -> None:
-    report = reports[mode]
-    if "__crash__" in report:
-        pytest.fail(f"the {mode} worker failed, {report['__crash__']}", pytrace=False)
-    result = report.get(name)
-    if result is None:
-        pytest.fail(f"the {mode} worker reported nothing for case {name!r}", pytrace=False)
-    if result.get("skipped"):
-        pytest.skip(result["skipped"])
-    if result["error"] is not None:
-        pytest.fail(f"case {name!r} failed in the {mode} worker:\n{result['error']}", pytrace=False)
+    return workers.run_workers("tests.test_kernels_triton", ("interpret", "compile"), root, timeout=600)
 
 
 @pytest.mark.slow
 @requires_triton
 @pytest.mark.parametrize("name", list(CASES))
-def test_interpreted(name: str, worker_reports: dict[str, dict[str, Any]]) -> None:
-    _report_case(worker_reports, "interpret", name)
+def test_interpreted(name: str, worker_reports: dict[str, workers.Report]) -> None:
+    workers.report_case(worker_reports, "interpret", name)
 
 
 @pytest.mark.slow
 @requires_triton
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=[_compile_case_id(*c) for c in COMPILE_CASES])
-def test_compiles_for_sm90(case: tuple[str, str, str], worker_reports: dict[str, dict[str, Any]]) -> None:
-    _report_case(worker_reports, "compile", _compile_case_id(*case))
+def test_compiles_for_sm90(case: tuple[str, str, str], worker_reports: dict[str, workers.Report]) -> None:
+    workers.report_case(worker_reports, "compile", _compile_case_id(*case))
 
 
 def test_import_without_triton_raises_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -584,54 +515,10 @@ def test_import_without_triton_raises_clear_error(monkeypatch: pytest.MonkeyPatc
         importlib.import_module("dropkit.kernels.triton_gpu")
 
 
-# ---------------------------------------------------------------------------------------------
-# The child side
-# ---------------------------------------------------------------------------------------------
-
-
-def _run_cases(cases: dict[str, Callable[[], None]], skipped: str | None) -> dict[str, dict[str, Any]]:
-    results: dict[str, dict[str, Any]] = {}
-    for name, check in cases.items():
-        if skipped is not None:
-            results[name] = {"error": None, "skipped": skipped}
-            continue
-        started = time.perf_counter()
-        error = None
-        try:
-            # Same rule as the pytest configuration (filterwarnings = error).
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                check()
-        except Exception:
-            error = traceback.format_exc()
-        results[name] = {"error": error, "seconds": round(time.perf_counter() - started, 3)}
-    return results
-
-
-def _main(argv: list[str]) -> int:
-    usage = "usage: test_kernels_triton.py {interpret|compile} REPORT.json [CASE ...]"
-    if len(argv) < 2 or argv[0] not in ("interpret", "compile"):
-        print(usage, file=sys.stderr)
-        return 2
-    mode, report, names = argv[0], Path(argv[1]), argv[2:]
-    if mode == "interpret":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("interpret mode needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
-            return 2
-        cases = {name: CASES[name] for name in names or CASES}
-        results = _run_cases(cases, None)
-    else:
-        if os.environ.get("TRITON_INTERPRET", "0") != "0":
-            print("compile mode needs TRITON_INTERPRET unset", file=sys.stderr)
-            return 2
-        compile_cases: dict[str, Callable[[], None]] = {
-            _compile_case_id(*case): (lambda case=case: _compile_for_sm90(*case)) for case in COMPILE_CASES
-        }
-        cases = {name: compile_cases[name] for name in names or compile_cases}
-        results = _run_cases(cases, _offline_compile_unavailable())
-    report.write_text(json.dumps(results, indent=1))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    compile_cases = {_compile_case_id(*c): functools.partial(_compile_for_sm90, *c) for c in COMPILE_CASES}
+    modes = {
+        "interpret": workers.Mode(CASES.cases),
+        "compile": workers.Mode(compile_cases, skip_all=workers.offline_compile_unavailable),
+    }
+    sys.exit(workers.main(sys.argv[1:], modes))
