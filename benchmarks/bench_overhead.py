@@ -8,9 +8,11 @@ Times, in training mode with grad mode on, four calls at p = 0.1 on float32 CPU 
 ``dropkit.nn.Dropout(0.1)(x)``, ``dropkit.functional.dropout(x, 0.1)``,
 ``torch.nn.Dropout(0.1)(x)`` and ``torch.nn.functional.dropout(x, 0.1)``.  Cases: forward of a
 one-element input (almost pure host overhead: argument checks, key and stream handling,
-dispatch), forward of a ``(128, 1024)`` input, and forward+backward of that input
-(``torch.autograd.grad`` with a preallocated upstream gradient).  Modules are built once,
-outside the timing.  A repeat times ``calls`` back-to-back calls with ``time.perf_counter_ns``;
+dispatch), forward+backward of it (the same with autograd recording the call and the backward
+replaying the mask), forward of a ``(128, 1024)`` input, and forward+backward of that input
+(``torch.autograd.grad`` with a preallocated upstream gradient).  In the forward cases the input
+does not require grad, so autograd records nothing, for dropkit as for torch.  Modules are built
+once, outside the timing.  A repeat times ``calls`` back-to-back calls with ``time.perf_counter_ns``;
 the four candidates take turns, repeat by repeat, in this one process (so a change of background
 load hits them alike and their ratios compare like with like), each after an untimed call and a
 warm-up before the first repeat.  Figures are the median over repeats of the microseconds per
@@ -62,6 +64,7 @@ class Case:
 
 CASES = (
     Case((1,), backward=False, calls=200, quick_calls=50),
+    Case((1,), backward=True, calls=100, quick_calls=25),
     Case((128, 1024), backward=False, calls=50, quick_calls=10),
     Case((128, 1024), backward=True, calls=50, quick_calls=10),
 )

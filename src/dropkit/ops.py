@@ -11,7 +11,9 @@ Each op is a ``torch.library`` custom op with a fake kernel, so ``torch.compile(
 ``torch.export`` and the functorch transforms trace it without graph breaks and draw the eager
 masks (the same kernel draws them).  On plain eager tensors a ``torch.autograd.Function`` with the
 same forward and backward runs instead: a ``torch.library`` call costs ~50 us of Python dispatch,
-more than the fused kernel at typical activation sizes.
+more than the fused kernel at typical activation sizes.  Where autograd would record nothing (no
+input requires grad, or grad mode is off, and no forward-mode level is open) the forward runs
+alone, without the Function around it.
 
 Ops (``rate`` always the third tensor, options after it):
 
@@ -31,14 +33,13 @@ Mask ops run on the backend that :mod:`dropkit.kernels.dispatch` picks for the d
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
+from torch.autograd import forward_ad
 
 from dropkit._validation import check_nonnegative, check_probability
 from dropkit.engine import reference
@@ -51,7 +52,7 @@ from dropkit.engine.numerics import (
     inverted_scale,
     rate_value,
 )
-from dropkit.engine.streams import element_key
+from dropkit.engine.streams import element_key, refuse_jit_trace
 from dropkit.kernels import dispatch
 
 __all__ = [
@@ -67,6 +68,14 @@ __all__ = [
 ]
 
 _FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
+# The C++ apply of torch._C._FunctionBase, which torch.autograd.Function.apply ends in.
+_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
+# Bound once: every eager call asks them (never while compiling: see _eager_fast_path).
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_transforms_active = torch._C._are_functorch_transforms_active
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
 
 _REPLAYING: ContextVar[bool] = ContextVar("dropkit_replaying_a_mask", default=False)
 
@@ -78,31 +87,18 @@ def _eager_fast_path(*tensors: torch.Tensor) -> bool:
     """Plain eager tensors, no tracing and no dispatch or function modes: the autograd.Function
     runs.  Under ``torch.func`` transforms it runs too (it has the forward-AD and vmap rules the
     transforms need); traced paths (compile, export, fake and subclass tensors) take the op."""
-    if (
-        torch.compiler.is_compiling()
-        or not all(type(t) is torch.Tensor for t in tensors)
-        or torch._C._len_torch_dispatch_stack() != 0
-        or torch._C._is_torch_function_mode_enabled()
-    ):
+    # is_compiling first: dynamo folds it to True, so it never traces the rest.
+    if torch.compiler.is_compiling() or _dispatch_modes() != 0 or _function_modes():
         return False
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return False
     # functionalize has no rule for autograd.Functions; the custom op is functional already.
-    interpreter = torch._C._functorch.peek_interpreter_stack()
+    interpreter = _peek_interpreter()
     return interpreter is None or interpreter.key() != _FUNCTIONALIZE
 
 
-def refuse_jit_trace() -> None:
-    """``torch.jit.trace`` records tensors, not the key a call draws: a traced training-mode
-    model would replay one mask on every call, silently.  Refuse it with what to use instead.
-
-    Called where keys are drawn or resolved (a layer's ``_key``, the functionals'
-    ``resolve_key``), which every random call passes through before any tensor is read."""
-    if torch.jit.is_tracing():
-        raise RuntimeError(
-            "dropkit's random ops cannot be recorded by torch.jit.trace in training mode: the "
-            "trace would replay one mask on every call. Use torch.compile or torch.export for a "
-            "training-mode graph, or trace the model in eval mode (model.eval()), where dropout "
-            "is the identity"
-        )
+_PLAIN_RATE_TYPES = (float, torch.Tensor)  # the common rates: a type test decides
 
 
 def _plain_rate(rate: Rate) -> bool:
@@ -130,15 +126,18 @@ def _saved_rate(ctx: Any) -> tuple[torch.Tensor, Rate]:
     return saved[0], saved[1] if ctx.float_rate is None else ctx.float_rate
 
 
-@contextlib.contextmanager
-def _replaying() -> Iterator[None]:
+class _Replaying:
     """A gradient or tangent replays a forward's mask: not a new draw, so a vmap over cotangents
-    or tangents (jacrev, jacfwd, per-sample gradients) gives every element that mask."""
-    token = _REPLAYING.set(True)
-    try:
-        yield
-    finally:
-        _REPLAYING.reset(token)
+    or tangents (jacrev, jacfwd, per-sample gradients) gives every element that mask.  A class,
+    not a generator context manager: every backward enters it, at a tenth of the price."""
+
+    __slots__ = ("token",)
+
+    def __enter__(self) -> None:
+        self.token = _REPLAYING.set(True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _REPLAYING.reset(self.token)
 
 
 def _vmap_loop(
@@ -187,9 +186,10 @@ class RateOp:
     first because that is cheaper) and returns ``forward(x, key, value, *options)``, a float path
     run on real tensors, so a tensor rate gives the float's bits exactly.  Traced calls (compile,
     export, functorch transforms, fake or subclass tensors) run the registered custom op; plain
-    eager calls an ``autograd.Function`` with the same forward and backward.  Autograd keeps only
-    the key and the rate.  ``backward`` is ``"linear"`` (the gradient is the op itself on ``dy``,
-    with the options mapped by ``grad_options``) or ``"identity"`` (additive noise: ``dy``).
+    eager calls an ``autograd.Function`` with the same forward and backward (or the forward alone,
+    where autograd would record nothing).  Autograd keeps only the key and the rate.
+    ``backward`` is ``"linear"`` (the gradient is the op itself on ``dy``, with the options mapped
+    by ``grad_options``) or ``"identity"`` (additive noise: ``dy``).
     """
 
     def __init__(
@@ -236,11 +236,12 @@ class RateOp:
                 # torch's apply binds the arguments to forward's signature on every call
                 # (inspect.signature: a third of a small call's host time) because a
                 # setup_context-style forward may have defaults; this one has none, so outside
-                # the torch.func transforms the C++ apply runs directly.
-                if torch._C._are_functorch_transforms_active():
+                # the torch.func transforms the op's call runs the C++ apply directly (or the
+                # forward alone where autograd records nothing).
+                if _transforms_active():
                     return super().apply(*args)
-                # super past torch.autograd.Function: the C++ apply of torch._C._FunctionBase.
-                return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))  # type: ignore[misc]
+                x, key, rate, options = args
+                return op(x, key, rate, *options)
 
             @staticmethod
             def forward(
@@ -265,7 +266,7 @@ class RateOp:
                 # through the same mask and scale.
                 if op.backward == "identity":
                     return tangent
-                with _replaying():
+                with _Replaying():
                     return op(tangent, ctx.forward_key, ctx.forward_rate, *op.grad_options(ctx.options))
 
             @staticmethod
@@ -278,6 +279,9 @@ class RateOp:
 
         Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
         self.eager = Eager
+        # The C++ apply bound to Eager (what super(torch.autograd.Function, Eager).apply looks up
+        # on every call).
+        self.function_apply: Callable[..., torch.Tensor] = _FUNCTION_APPLY.__get__(None, Eager)
 
     def run(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *args: Any) -> torch.Tensor:
         """The op's values: ``forward`` with the rate read (``args[-1]`` names it).  A tensor rate
@@ -298,28 +302,60 @@ class RateOp:
         if self.backward == "identity":
             return grad
         key, rate = _saved_rate(ctx)
-        with _replaying():
+        with _Replaying():
             return self(grad, key, rate, *self.grad_options(ctx.options))
 
     def _backward(self, ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         return (self._grad(ctx, grad), None, None, *([None] * len(ctx.options)))
 
     def __call__(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *options: Any) -> torch.Tensor:
-        if _eager_fast_path(x, key) and _plain_rate(rate):
+        if not (_eager_fast_path(x, key) and (type(rate) in _PLAIN_RATE_TYPES or _plain_rate(rate))):
+            return self.op(x, key, as_rate_tensor(rate), *options)
+        if _transforms_active():
             return self.eager.apply(x, key, rate, options)
-        return self.op(x, key, as_rate_tensor(rate), *options)
+        # Outside the torch.func transforms: the C++ apply of the Function where autograd has
+        # something to record, a gradient that can flow back (grad mode on and an input that
+        # requires grad) or a forward-mode tangent (a torch.autograd.forward_ad level is open);
+        # else the forward alone, which the Function would only wrap, at a few us a call.
+        if forward_ad._current_level >= 0 or (
+            torch.is_grad_enabled()
+            and (x.requires_grad or (type(rate) is torch.Tensor and rate.requires_grad))
+        ):
+            # A functorch wrapper seen here is a dead one (it escaped a finished transform):
+            # torch's apply unwraps it, and so does this.
+            if type(rate) is torch.Tensor:
+                rate = _unwrap_if_dead(rate)
+            return self.function_apply(_unwrap_if_dead(x), _unwrap_if_dead(key), rate, options)
+        # The forward alone: the backend dispatch sends a (dead) functorch wrapper to the
+        # reference engine.  The aliasing rule of apply: an input returned as the output comes
+        # back as a view.
+        output = self.run(x, key, rate, *options)
+        return x.view_as(x) if output is x else output
 
 
 # --- Bernoulli masks -------------------------------------------------------------------------
 
 
+# (formula, rate) -> (threshold, keep_scale, keep_shift, drop_value): a model calls with a few
+# rates, and deriving the constants costs more Python than looking them up.
+_AFFINE_CONSTANTS: dict[tuple[str, float], tuple[int, float, float, float]] = {}
+_AFFINE_CONSTANTS_LIMIT = 1024
+
+
+def _affine_constants(formula: str, p: float) -> tuple[int, float, float, float]:
+    constants = (drop_threshold(p), *AFFINE_FORMULAS[formula](p))
+    if len(_AFFINE_CONSTANTS) >= _AFFINE_CONSTANTS_LIMIT:  # a rate schedule of many values
+        _AFFINE_CONSTANTS.clear()
+    _AFFINE_CONSTANTS[formula, p] = constants
+    return constants
+
+
 def _masked_affine_forward(
     x: torch.Tensor, key: torch.Tensor, p: float, broadcast_dims: list[int], formula: str
 ) -> torch.Tensor:
-    keep_scale, keep_shift, drop_value = AFFINE_FORMULAS[formula](p)
-    return dispatch.masked_affine(
-        x, key, drop_threshold(p), broadcast_dims, keep_scale, keep_shift, drop_value
-    )
+    constants = _AFFINE_CONSTANTS.get((formula, p)) or _affine_constants(formula, p)
+    threshold, keep_scale, keep_shift, drop_value = constants
+    return dispatch.masked_affine(x, key, threshold, broadcast_dims, keep_scale, keep_shift, drop_value)
 
 
 #: ``masked_affine(x, key, rate, broadcast_dims, formula, rate_name)``:
@@ -387,7 +423,7 @@ def _bias_dropout_add_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     key, rate = _saved_rate(ctx)
     grad_x = grad_bias = grad_residual = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        with _replaying():
+        with _Replaying():
             grad_x = masked_affine(grad, key, rate, [], "inverted", "p")
         if ctx.needs_input_grad[1]:
             grad_bias = grad_x.sum_to_size(ctx.bias_shape)
@@ -434,7 +470,7 @@ class _BiasDropoutAdd(torch.autograd.Function):
         dropped = x_t if bias_t is None else (bias_t if x_t is None else x_t + bias_t)
         tangent = None
         if dropped is not None:
-            with _replaying():
+            with _Replaying():
                 tangent = masked_affine(dropped, ctx.forward_key, ctx.forward_rate, [], "inverted", "p")
         if tangent is None:
             return residual_t  # some tangent is always given
@@ -474,7 +510,9 @@ def checked_rate(rate: torch.Tensor, name: str = "p", probability: bool = True) 
     it when the graph runs, so a bad value in a holder is an error there too, never a silent
     threshold past the ends."""
     if _eager_fast_path(rate):
-        rate_value(rate, name, check_probability if probability else check_nonnegative)
+        # The range test first (cheaper than the check, which runs to raise, NaN included).
+        if not 0.0 <= float(rate) <= (1.0 if probability else sys.float_info.max):
+            rate_value(rate, name, check_probability if probability else check_nonnegative)
         return rate
     return _checked_rate_op(rate, name, probability)
 

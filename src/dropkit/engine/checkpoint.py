@@ -62,6 +62,11 @@ class _Frame:
 
 
 _LOCAL = threading.local()
+#: Frames open in all threads together: while it is 0 (outside every checkpoint, the common case)
+#: a draw skips the per-thread lookups.  Changed under its lock, read without it: a thread only
+#: needs to see its own frames, which it opened itself before reading.
+open_frames = 0
+_open_frames_lock = threading.Lock()
 
 
 def _frames() -> list[_Frame]:
@@ -80,10 +85,16 @@ class _FrameContext(contextlib.AbstractContextManager[None]):
         self.replay = replay
 
     def __enter__(self) -> None:
+        global open_frames
         _frames().append(_Frame(self.log, self.replay))
+        with _open_frames_lock:
+            open_frames += 1
 
     def __exit__(self, *exc_info: object) -> None:
+        global open_frames
         _frames().pop()
+        with _open_frames_lock:
+            open_frames -= 1
 
 
 def _innermost_replay() -> int | None:
@@ -96,6 +107,8 @@ def _innermost_replay() -> int | None:
 
 def replayed_key() -> torch.Tensor | None:
     """The key to reuse if a recomputation is being replayed, else ``None`` (eager only)."""
+    if not open_frames:
+        return None
     index = _innermost_replay()
     if index is None:
         return None
@@ -110,6 +123,8 @@ def replayed_key() -> torch.Tensor | None:
 
 def record_key(key: torch.Tensor) -> None:
     """Remember a freshly drawn key in every enclosing recording checkpoint (eager only)."""
+    if not open_frames:
+        return
     for frame in _frames():
         if not frame.replay:
             frame.log.keys.append(key)

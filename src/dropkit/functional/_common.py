@@ -26,14 +26,31 @@ from dropkit.ops import Rate, checked_rate, refuse_jit_trace, zeros_like_connect
 SeedLike = int | torch.Tensor | None
 
 
-def check_rate(p: object, name: str = "p", check: Callable[[object, str], float] = check_probability) -> Rate:
+def check_rate(
+    p: object,
+    name: str = "p",
+    check: Callable[[object, str], float] = check_probability,
+    *,
+    read: bool = True,
+) -> Rate:
     """A rate argument: a float validated by ``check`` now, or a one-element floating-point tensor
-    whose value the op validates when it reads it (in a compiled graph: when the graph runs)."""
+    whose value is validated when it is read (in a compiled graph: when the graph runs).
+
+    A tensor's value is read here (:func:`~dropkit.ops.checked_rate`) unless ``read=False``: for
+    a caller that passes it to an op that reads and validates it itself (a :class:`RateOp`), and
+    calls :func:`read_rate` on every path that does not."""
     if isinstance(p, torch.Tensor):
-        return checked_rate(check_probability_tensor(p, name), name, check is check_probability)
+        check_probability_tensor(p, name)
+        return checked_rate(p, name, check is check_probability) if read else p
     if type(p) is float and 0.0 <= p <= 1.0 and check is check_probability:
         return p  # the common case, kept lean: what the check returns for it
     return check(p, name)
+
+
+def read_rate(p: Rate, name: str = "p") -> Rate:
+    """A probability from ``check_rate(..., read=False)`` with a tensor's value validated now
+    (:func:`~dropkit.ops.checked_rate`), where no op reads it."""
+    return checked_rate(p, name) if isinstance(p, torch.Tensor) else p
 
 
 def is_zero(rate: Rate) -> bool:
@@ -54,9 +71,13 @@ def keep_probability(p: Rate) -> Rate:
 def check_common(input: object, training: object, inplace: object, *, floating: bool = True) -> torch.Tensor:
     """Check the flags and the input: a floating-point tensor, or (``floating=False``, for ops that
     pass other dtypes through where they are the identity, see :func:`passes_through`) any tensor."""
-    check_bool(training, "training")
-    check_bool(inplace, "inplace")
-    return check_floating_tensor(input) if floating else check_tensor(input)
+    # Every call passes here: the common case costs type tests, the checks run to raise.
+    if type(training) is not bool or type(inplace) is not bool:
+        check_bool(training, "training")
+        check_bool(inplace, "inplace")
+    if floating:
+        return check_floating_tensor(input)
+    return input if isinstance(input, torch.Tensor) else check_tensor(input)
 
 
 def passes_through(input: torch.Tensor, training: bool, p: Rate) -> bool:
@@ -77,15 +98,20 @@ def passes_through(input: torch.Tensor, training: bool, p: Rate) -> bool:
 def resolve_key(input: torch.Tensor, seed: SeedLike, generator: torch.Generator | None) -> torch.Tensor:
     """The key of this call: explicit ``seed`` (int or key tensor), ``generator``, or the
     functional stream of the global seed."""
+    if generator is None:
+        if seed is None:
+            return draw_functional_key(input.device)  # the draw refuses torch.jit.trace
+        refuse_jit_trace()
+        if isinstance(seed, torch.Tensor):
+            if seed.dtype != torch.int64 or seed.shape != (3,):
+                check_seed(seed, None)  # raises, saying what a key is
+            # A layer's own key is on its step counter's device, the input's as a rule.
+            return seed if seed.is_cpu and input.is_cpu else to_device_async(seed, input.device)
+        check_seed(seed, None)
+        return make_key(seed, device=input.device)
     refuse_jit_trace()
     check_seed(seed, generator)
-    if generator is not None:
-        return to_device_async(key_from_generator(generator), input.device)
-    if seed is None:
-        return draw_functional_key(input.device)
-    if isinstance(seed, torch.Tensor):
-        return to_device_async(seed, input.device)
-    return make_key(seed, device=input.device)
+    return to_device_async(key_from_generator(generator), input.device)
 
 
 def finish(input: torch.Tensor, output: torch.Tensor, inplace: bool) -> torch.Tensor:

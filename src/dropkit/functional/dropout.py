@@ -15,6 +15,7 @@ from dropkit.functional._common import (
     finish,
     keep_probability,
     passes_through,
+    read_rate,
     resolve_key,
     scale_by,
 )
@@ -43,12 +44,18 @@ def dropout(
     :func:`dropkit.make_key`) or ``generator`` fix the mask for this call.
     """
     input = check_common(input, training, inplace, floating=False)
-    p = check_rate(p)
-    check_bool(inverted, "inverted")
-    dims = normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
+    # A tensor's value is read once: by the op below, or by read_rate where nothing reads it.
+    p = check_rate(p, read=False)
+    if type(inverted) is not bool:
+        check_bool(inverted, "inverted")
+    # The default (an element mask) skips the walk over the dims.
+    element_mask = type(broadcast_dims) is tuple and not broadcast_dims
+    dims = [] if element_mask else normalize_dims(broadcast_dims, input.dim(), "broadcast_dims")
     if not (training or inverted):  # the original formulation's eval: x * q
         check_seed(seed, generator)  # a bad seed is refused where nothing is drawn too
-        return scale_by(check_floating_tensor(input), keep_probability(p), inplace)
+        return scale_by(check_floating_tensor(input), keep_probability(read_rate(p)), inplace)
+    if not training:
+        read_rate(p)  # the checks hold in every mode, a tensor's value included
     if passes_through(input, training, p):
         check_seed(seed, generator)
         return input

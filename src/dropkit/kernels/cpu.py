@@ -45,6 +45,7 @@ import torch
 
 from dropkit.engine.masks import mask_shape
 from dropkit.engine.numerics import THRESHOLD_SCALE
+from dropkit.kernels.dispatch import KernelArgumentError
 
 
 def _writable(directory: Path) -> bool:
@@ -112,7 +113,7 @@ _configure_cache_dir()
 
 import numba  # noqa: E402  (after the cache directory is chosen)
 from numba import prange, types  # noqa: E402
-from numba.extending import overload  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 __all__ = ["SUPPORTED_DTYPES", "bias_dropout_add", "masked_affine", "name", "philox_words", "run_parallel"]
 
@@ -145,6 +146,8 @@ _PARALLEL_MIN_ELEMENTS = 1 << 15
 # rate's threshold and constants are run-time arguments, so a rate schedule re-plans nothing).
 _P_TILE_INNER, _P_TILE_RUN, _P_USE_TABLE = 0, 1, 2
 _P_HAS_BIAS, _P_HAS_RESIDUAL, _P_TASKS, _P_PARTS = 3, 4, 5, 6
+# Then the spans (elements from the first to the last one touched) of x, bias, residual, output.
+_P_SPANS = 7
 # Columns of the per-dim geometry rows: size, then strides of x, bias, residual, output, mask.
 _SIZE, _XS, _BS, _RS, _YS, _MS = 0, 1, 2, 3, 4, 5
 
@@ -507,27 +510,63 @@ def _run_part(
             )  # fmt: skip
 
 
+def _pointer_typing(typingctx: Any, address: Any, like: Any) -> Any:
+    """``_pointer(address, like)``: the integer ``address`` as a pointer to elements of the dtype
+    of the array ``like`` (a numba intrinsic: callable from numba code only)."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+        return None
+    pointer = types.CPointer(like.dtype)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+_pointer: Any = intrinsic(_pointer_typing)
+
+
+_KEY_LIKE = np.empty(0, dtype=np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _arrays(x_at: int, b_at: int, r_at: int, y_at: int, like: Any, params: Any, key_at: int) -> Any:
+    """The tensors of a launch as arrays over their memory: the host passes data pointers, which
+    cost a tenth of a NumPy view each (the tensors stay alive in the host's frame meanwhile)."""
+    return (
+        numba.carray(_pointer(x_at, like), params[_P_SPANS]),
+        numba.carray(_pointer(b_at, like), params[_P_SPANS + 1]),
+        numba.carray(_pointer(r_at, like), params[_P_SPANS + 2]),
+        numba.carray(_pointer(y_at, like), params[_P_SPANS + 3]),
+        numba.carray(_pointer(key_at, _KEY_LIKE), 3),
+    )
+
+
 # The serial and parallel drivers are two functions, not one source jitted twice: numba's cache
 # index does not include the ``parallel`` flag, so one source would share (and mix up) entries.
+# They take the data pointers of x, bias, residual, output and key, and ``like``, an empty array
+# of the storage type of the first four (bfloat16 and float16 as their bit patterns).
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _launch_parallel(
-    x: Any,
-    b: Any,
-    r: Any,
-    y: Any,
+    x_at: int,
+    b_at: int,
+    r_at: int,
+    y_at: int,
+    like: Any,
     table: Any,
     outer: Any,
     plane: Any,
     params: Any,
-    key: Any,
+    key_at: int,
     scale: Any,
     shift: Any,
     drop: Any,
     threshold: int,
     has_shift: bool,
 ) -> None:
+    x, b, r, y, key = _arrays(x_at, b_at, r_at, y_at, like, params, key_at)
     parts = params[_P_PARTS]
     if params[_P_USE_TABLE] != 0 and 0 < threshold < _THRESHOLD_SCALE:
         counters = table.shape[0] // 4
@@ -544,21 +583,23 @@ def _launch_parallel(
 
 @numba.njit(cache=True, nogil=True)
 def _launch_serial(
-    x: Any,
-    b: Any,
-    r: Any,
-    y: Any,
+    x_at: int,
+    b_at: int,
+    r_at: int,
+    y_at: int,
+    like: Any,
     table: Any,
     outer: Any,
     plane: Any,
     params: Any,
-    key: Any,
+    key_at: int,
     scale: Any,
     shift: Any,
     drop: Any,
     threshold: int,
     has_shift: bool,
 ) -> None:
+    x, b, r, y, key = _arrays(x_at, b_at, r_at, y_at, like, params, key_at)
     if params[_P_USE_TABLE] != 0 and 0 < threshold < _THRESHOLD_SCALE:
         philox_words(table, 0, 0, table.shape[0] // 4, key)
     _run_part(
@@ -568,25 +609,36 @@ def _launch_serial(
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side: layout planning, tensor views, thread control.
+# Host side: layout planning, data pointers, thread control.
 
-_STORAGE_VIEWS: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+# Empty arrays of the element type the drivers read each dtype's storage as (numba has no CPU
+# half types: bfloat16 and float16 travel as uint16 / int16 bit patterns).  Writable: numba types
+# a read-only array differently, which would double the compiles.
+_STORAGE_LIKE: dict[torch.dtype, np.ndarray] = {
+    torch.float32: np.empty(0, dtype=np.float32),
+    torch.float64: np.empty(0, dtype=np.float64),
+    torch.bfloat16: np.empty(0, dtype=np.uint16),
+    torch.float16: np.empty(0, dtype=np.int16),
+}
 _launch_lock = threading.Lock()
 # Process that first started numba's thread pool: GNU OpenMP cannot be used again in a forked
 # child of it (numba aborts the process), so children run the serial driver.
 _pool_pid: int | None = None
 
 
-def _flat_view(t: torch.Tensor) -> np.ndarray:
-    """1-D NumPy view of the storage span that ``t`` touches, starting at its first element."""
-    t = t.detach()
-    if t.is_contiguous():
-        flat = t.reshape(-1)
-    else:
-        span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-        flat = t.as_strided((span,), (1,), t.storage_offset())
-    view_dtype = _STORAGE_VIEWS.get(t.dtype)
-    return (flat.view(view_dtype) if view_dtype is not None else flat).numpy()
+def _span(shape: Sequence[int], strides: Sequence[int]) -> int:
+    """Elements of storage that a non-empty view touches, from its first element to its last."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
+
+
+def _in_memory(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or its values materialized where its memory does not hold them: a lazy
+    negation (``z.conj().imag``) or a ZeroTensor (no storage: a null data pointer)."""
+    if t.is_neg():
+        return t.resolve_neg()
+    if t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype)
+    return t
 
 
 def _row_major_strides(shape: Sequence[int]) -> list[int]:
@@ -641,6 +693,7 @@ def _make_recipe(
             residual is not None,
             tasks,
             min(threads, tasks) if parallel else 1,
+            *(_span(shape, s) for s in strides[:4]),  # x, bias, residual, output
         ],
         dtype=np.int64,
     )
@@ -712,11 +765,13 @@ def keep_torch_threads() -> Iterator[None]:
 
 def _threads() -> int:
     """Threads to use: PyTorch's intra-op setting, capped by numba's pool size."""
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    return max(1, min(torch.get_num_threads(), _NUMBA_THREADS))
 
 
 # Stays writable: numba types a read-only array differently, which would double the compiles.
 _NO_TABLE = np.zeros(4, dtype=np.uint32)
+# numba's pool size: fixed once numba is imported.
+_NUMBA_THREADS: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
 
 
 def _launch(
@@ -732,25 +787,38 @@ def _launch(
 ) -> torch.Tensor:
     # Kept lean: in a training step this runs with caches cold from the matmuls around it,
     # where every Python-level operation costs several times its warm price.
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float32, float64, bfloat16 or float16, got dtype {x.dtype}")
-    if x.device.type != "cpu" or key.device.type != "cpu":
-        raise ValueError(f"x and key must be CPU tensors, got devices {x.device} and {key.device}")
+    dtype = x.dtype
+    like = _STORAGE_LIKE.get(dtype)
+    if like is None:
+        raise TypeError(f"x must be float32, float64, bfloat16 or float16, got dtype {dtype}")
+    # The dispatcher leaves the key's checks to this backend: a KernelArgumentError sends the
+    # call to the reference engine and leaves the kernels on.
+    if not (x.is_cpu and key.is_cpu):
+        raise KernelArgumentError(f"x and key must be CPU tensors, got devices {x.device} and {key.device}")
     if key.dtype != torch.int64 or key.shape != (3,):
-        raise ValueError(f"key must be an int64 tensor of shape (3,), got {key.dtype} {tuple(key.shape)}")
+        raise KernelArgumentError(
+            f"key must be an int64 tensor of shape (3,), got {key.dtype} {tuple(key.shape)}"
+        )
+    x_at = x.data_ptr()
+    if not x_at or x.is_neg():  # values not in memory: a ZeroTensor (null pointer), a lazy negation
+        x = _in_memory(x)
+        x_at = x.data_ptr()
     y = torch.empty_like(x)
-    if x.numel() == 0:
+    numel = x.numel()
+    if numel == 0:
         return y
     if bias is not None:
-        bias = bias.expand(x.shape)
-    threads = _threads()
-    cache_key = (
+        bias = _in_memory(bias).expand(x.shape)
+    if residual is not None:
+        residual = _in_memory(residual)
+    # Small calls run serially whatever the thread count: one recipe serves them all.
+    threads = _threads() if numel >= _PARALLEL_MIN_ELEMENTS else 1
+    cache_key = (  # a recipe counts elements, whatever their dtype
         x.shape,
         x.stride(),
-        x.dtype,
         None if bias is None else bias.stride(),
         None if residual is None else residual.stride(),
-        tuple(broadcast_dims),
+        tuple(broadcast_dims) if broadcast_dims else (),
         threads,
     )
     recipe = _recipes.get(cache_key)
@@ -759,26 +827,52 @@ def _launch(
         if len(_recipes) >= _MAX_RECIPES:
             _recipes.clear()
         _recipes[cache_key] = recipe
-    x_view = _flat_view(x)
+    if not key.is_contiguous():
+        key = key.contiguous()
+    key_at = key.data_ptr()
+    if not key_at:  # a ZeroTensor: no storage to read
+        raise KernelArgumentError("key must be a tensor with storage, got a ZeroTensor")
+    # Data pointers, not NumPy views: x, bias, residual, y and key stay referenced by this frame
+    # until the kernel returns, and the recipe's spans bound what it touches.
     args = (
-        x_view,
-        _flat_view(bias) if bias is not None else x_view,
-        _flat_view(residual) if residual is not None else x_view,
-        _flat_view(y),
+        x_at,
+        bias.data_ptr() if bias is not None else x_at,
+        residual.data_ptr() if residual is not None else x_at,
+        y.data_ptr(),
+        like,
         np.empty(recipe.table_words, dtype=np.uint32) if recipe.table_words else _NO_TABLE,
         recipe.outer,
         recipe.plane,
         recipe.params,
-        (key if key.is_contiguous() else key.contiguous()).numpy(),
+        key_at,
         float(keep_scale),
         float(keep_shift),
         float(drop_value),
-        threshold,
+        int(threshold),
         keep_shift != 0.0,
     )
     if not recipe.parallel or not run_parallel(_launch_parallel, args, threads):
-        _launch_serial(*args)
+        serial = _SERIAL_ENTRIES.get(dtype)
+        if serial is None:
+            _launch_serial(*args)
+            _remember_serial_entry(dtype, args)
+        else:
+            serial(*args)
     return y
+
+
+# The compiled serial driver per dtype, called directly: numba's dispatcher types all fifteen
+# arguments on every call (~0.5 us), though only the storage type (``like``) ever varies: _launch
+# passes the others with fixed types (Python ints and floats, a bool, the recipe's read-only
+# int64 arrays, a writable uint32 table), which the compiled entry point converts as numba would.
+_SERIAL_ENTRIES: dict[torch.dtype, Any] = {}
+
+
+def _remember_serial_entry(dtype: torch.dtype, args: tuple[Any, ...]) -> None:
+    signature = tuple(_launch_serial.typeof_pyval(arg) for arg in args)
+    compiled = _launch_serial.overloads.get(signature)
+    if compiled is not None:
+        _SERIAL_ENTRIES[dtype] = compiled.entry_point  # type: ignore[attr-defined]
 
 
 def run_parallel(kernel: Any, args: tuple[Any, ...], threads: int | None = None) -> bool:
@@ -836,4 +930,8 @@ def bias_dropout_add(
         )
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if not (bias.is_cpu and residual.is_cpu):  # the kernel reads them through data pointers
+        raise KernelArgumentError(
+            f"bias and residual must be CPU tensors, got devices {bias.device} and {residual.device}"
+        )
     return _launch(x, bias, residual, key, threshold, (), keep_scale, 0.0, 0.0)

@@ -19,7 +19,9 @@ results.  Per device type:
 A backend that is missing or fails (import error, compile error, wrong self-check, an exception
 at call time) is switched off for the rest of the process with a single
 :class:`KernelFallbackWarning`, and the call is answered by the reference engine: a broken
-backend costs speed, never a crash.
+backend costs speed, never a crash.  Arguments a backend does not take are no failure: the
+dispatcher sends a key of another dtype, shape or device to the reference engine, and the CPU
+backend, which checks its keys itself, says so with a :class:`KernelArgumentError`.
 
 The reference engine can be forced with :func:`use_reference_engine` (a context manager, also
 usable to force kernels back on inside a forced region) or for a whole process with the
@@ -35,7 +37,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from types import ModuleType
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 
@@ -49,6 +51,7 @@ __all__ = [
     "REFERENCE",
     "TRITON",
     "Backend",
+    "KernelArgumentError",
     "KernelFallbackWarning",
     "backend_for",
     "bias_dropout_add",
@@ -107,6 +110,12 @@ class Backend(Protocol):
 
 class KernelFallbackWarning(RuntimeWarning):
     """A fused kernel backend is unavailable or broken; dropkit uses its reference engine."""
+
+
+class KernelArgumentError(ValueError):
+    """Raised by a kernel backend, before it computes anything, for arguments it does not take
+    (a key of another dtype, shape or device): the reference engine answers the call instead
+    (and raises the caller's error, if there is one), and the backend stays on."""
 
 
 @contextlib.contextmanager
@@ -193,6 +202,7 @@ _BACKENDS: dict[str, _Backend] = {
     "cpu": _Backend(NUMBA, "dropkit.kernels.cpu", _check_cpu_kernels),
     "cuda": _Backend(TRITON, "dropkit.kernels.triton_gpu", None),
 }
+_CPU_BACKEND = _BACKENDS["cpu"]
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -207,30 +217,45 @@ def backend_for(device: torch.device | str) -> str:
     return backend.name
 
 
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _kernels_for(x: torch.Tensor, key: torch.Tensor) -> _Backend | None:
-    if _force_reference.get() or x.dtype not in _KERNEL_DTYPES:
+    # Cheapest tests first: this runs on every eager call.
+    if x.dtype not in _KERNEL_DTYPES or _force_reference.get():
         return None
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return None  # a torch.func transform's wrapper has no storage a kernel could read
-    if key.dtype != torch.int64 or key.shape != (3,) or key.device != x.device:
+    backend: _Backend | None
+    if x.is_cpu:
+        backend = _CPU_BACKEND  # it checks the key itself: a KernelArgumentError
+    elif key.dtype != torch.int64 or key.shape != (3,) or key.device != x.device:
         # Not a key the kernels take: the reference engine answers (or raises the user's error),
         # so that a bad argument never switches a working backend off.
         return None
-    backend = _BACKENDS.get(x.device.type)
-    if backend is None or backend.load() is None:
+    else:
+        backend = _BACKENDS.get(x.device.type)
+        if backend is None:
+            return None
+    if _is_functorch_wrapped(x) or _is_functorch_wrapped(key):
+        return None  # a torch.func transform's wrapper has no storage a kernel could read
+    if backend.module is None and backend.load() is None:
         return None
     return backend
 
 
 def _run(backend: _Backend | None, op: str, args: tuple[Any, ...]) -> torch.Tensor:
     module = None if backend is None else backend.module
+    output: torch.Tensor
     if backend is None or module is None:
-        return cast(torch.Tensor, getattr(reference, op)(*args))
+        output = getattr(reference, op)(*args)
+        return output
     try:
-        return cast(torch.Tensor, getattr(module, op)(*args))
+        output = getattr(module, op)(*args)
+    except KernelArgumentError:  # the caller's arguments, not a failure of the backend
+        output = getattr(reference, op)(*args)
     except Exception as error:  # a kernel bug or toolchain failure must not take the model down
         backend.fail(error)
-        return cast(torch.Tensor, getattr(reference, op)(*args))
+        output = getattr(reference, op)(*args)
+    return output
 
 
 # The two entry points take the arguments of the Backend methods of the same name, in order.

@@ -18,7 +18,6 @@ from dropkit.engine.streams import (
 )
 from dropkit.functional._common import SeedLike
 from dropkit.functional._seed import check_seed
-from dropkit.ops import refuse_jit_trace
 
 
 def _mirror_rate(module: object, name: str, value: float) -> None:
@@ -130,11 +129,17 @@ class _RandomLayer(nn.Module):
         return attribute in type(self)._tensor_rates
 
     def _key(self, input: torch.Tensor, seed: SeedLike, generator: torch.Generator | None) -> SeedLike:
-        """The key for a training forward: the per-call override, else this layer's next draw."""
-        refuse_jit_trace()
+        """The key for a training forward: the per-call override, else this layer's next draw.
+
+        The key is on the device of ``rng_step``; the functional op that takes it as ``seed``
+        moves it to the input's device if they differ (without blocking the host).  The draw
+        refuses ``torch.jit.trace``; the functional refuses it for an override."""
         if seed is not None or generator is not None or not isinstance(input, torch.Tensor):
             return seed
-        return draw_key(self.rng_stream, self.rng_step).to(input.device)
+        # The buffer read from _buffers: what nn.Module.__getattr__ returns, without its ~1 us
+        # fallback lookup (dynamo reads it either way).
+        step: torch.Tensor = self._buffers["rng_step"]  # type: ignore[assignment]
+        return draw_key(self.rng_stream, step)
 
 
 class _UnaryRandomLayer(_RandomLayer):
@@ -149,19 +154,24 @@ class _UnaryRandomLayer(_RandomLayer):
     inplace: bool
 
     def _options(self) -> dict[str, Any]:
-        """Keyword options of the functional op besides the rate and the randomness."""
+        """Keyword options of the functional op besides the rate and the randomness, in a fresh
+        dict (the forward adds ``seed`` and ``generator`` to it)."""
         return {}
 
     def forward(
         self, input: torch.Tensor, *, seed: SeedLike = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Apply the layer; ``seed`` (int or key) or ``generator`` fix the randomness of this call."""
-        check_seed(seed, generator)  # also where nothing is drawn (eval, p = 0)
-        if self.training:
-            seed = self._key(input, seed, generator)
+        if seed is not None or generator is not None:
+            check_seed(seed, generator)  # also where nothing is drawn (eval, p = 0)
         holder = self._rate_holder
-        # Traced (eval only: training refuses) the float, a constant, not a read of the holder.
-        rate = self.__dict__["_" + holder.removesuffix("_tensor") if torch.jit.is_tracing() else holder]
+        training = self.training
+        if training:
+            seed = self._key(input, seed, generator)  # torch.jit.trace is refused here
+        elif torch.jit.is_tracing():
+            # Traced (eval only) the float, a constant, not a read of the holder.
+            holder = "_" + holder.removesuffix("_tensor")
+        rate = self.__dict__[holder]
         # A compiled graph always reads the holder: it neither branches nor guards on the rate.
         if (
             self._zero_rate_passes_through
@@ -169,15 +179,10 @@ class _UnaryRandomLayer(_RandomLayer):
             and self.__dict__["_p"] == 0.0
         ):
             rate = 0.0
-        return type(self)._functional(
-            input,
-            rate,
-            self.training,
-            self.inplace,
-            seed=seed,
-            generator=generator,
-            **self._options(),
-        )
+        options = self._options()  # a fresh dict: the randomness joins it, one mapping to pass
+        options["seed"] = seed
+        options["generator"] = generator
+        return type(self)._functional(input, rate, training, self.inplace, **options)
 
 
 class _ProbabilityRate:
