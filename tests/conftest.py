@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -41,3 +42,22 @@ def _fresh_rng() -> None:
     """Every test starts from the same dropkit and torch seeds."""
     dropkit.manual_seed(1234)
     torch.manual_seed(1234)
+
+
+def peak_cpu_bytes(fn: Callable[[], object]) -> int:
+    """Peak growth of the bytes held by torch's CPU allocator while ``fn`` runs (its allocation and
+    free events, recorded by torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak

@@ -42,6 +42,7 @@ from dropkit.functional.attention import scaled_dot_product_attention as sdpa
 from dropkit.kernels import KernelFallbackWarning, dispatch
 from dropkit.kernels import attention as kernels_attention
 from tests import triton_workers as workers
+from tests.conftest import peak_cpu_bytes
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -306,25 +307,6 @@ def _saved_numels(fn: Callable[[], torch.Tensor]) -> list[int]:
     return sizes
 
 
-def _peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak growth of the bytes held by torch's CPU allocator while ``fn`` runs (its allocation and
-    free events, recorded by torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
-
-
 def test_blocked_path_is_automatic_above_the_threshold_and_keeps_nothing_per_weight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -353,12 +335,12 @@ def test_blocked_path_peak_memory_is_per_block() -> None:
         return run
 
     weights_bytes = heads * length * length * 4
-    materialised = _peak_bytes(step(None))
-    blocked = _peak_bytes(step(32))
+    materialised = peak_cpu_bytes(step(None))
+    blocked = peak_cpu_bytes(step(32))
     assert materialised >= 2 * weights_bytes  # weights and dropped weights, kept for backward
     # Blocks of 32 rows: a few (32 x 512) blocks per head and the O(L) gradients.
     assert blocked <= weights_bytes // 2, (blocked, materialised)
-    assert blocked <= _peak_bytes(step(128))
+    assert blocked <= peak_cpu_bytes(step(128))
 
 
 def test_paths_that_cannot_run_blocked_fall_back_to_materialised() -> None:

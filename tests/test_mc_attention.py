@@ -28,6 +28,7 @@ from dropkit.mc.mode import MCDropoutHandle, NoDropoutFoundWarning, mc_dropout
 from dropkit.mc.patching import Frame
 from dropkit.mc.plan import op_stream
 from dropkit.mc.sampling import mc_predict
+from tests.conftest import peak_cpu_bytes
 from tests.real_models import tiny_bert, tiny_vit
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -377,25 +378,6 @@ def test_mc_attention_above_the_threshold_keeps_nothing_per_weight_for_backward(
     assert torch.isfinite(q.grad).all()
 
 
-def _peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak growth of the bytes held by torch's CPU allocator while ``fn`` runs (its allocation and
-    free events, recorded by torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
-
-
 def test_mc_attention_above_the_threshold_allocates_blocks_under_no_grad(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -410,10 +392,10 @@ def test_mc_attention_above_the_threshold_allocates_blocks_under_no_grad(
     # Blocks of 32 rows (256 KiB of weights), so that a few blocks live at once stay far below
     # one sample's weights (the automatic 2 MiB blocks would be an eighth of them).
     monkeypatch.setattr(kernels_module, "_BLOCK_ELEMENTS", 32 * LONG)
-    blocked = _peak_bytes(run)
+    blocked = peak_cpu_bytes(run)
     assert blocked <= sample_weights_bytes // 8, blocked
     monkeypatch.setattr(MCDropoutHandle, "intercept_attention", _old_intercept_attention)
-    assert _peak_bytes(run) >= 2 * sample_weights_bytes  # the old path: both samples' weights
+    assert peak_cpu_bytes(run) >= 2 * sample_weights_bytes  # the old path: both samples' weights
 
 
 # ---------------------------------------------------------------------------------------------
