@@ -10,6 +10,7 @@ results: held, not held, and undecided (tiny scale, one seed).
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import json
 import math
@@ -591,3 +592,107 @@ def test_coadaptation_verdict_rules(tiny: Mapping[str, Any], tmp_path: Path) -> 
     verdict = coadaptation.summarize(ctx, _coadaptation_results(template, higher, zeros)).verdict
     assert verdict.held is False
     assert "mean activation is not resolved lower" in verdict.text
+
+
+# --- the dropout network trained once for mnist-mlp and ensemble-vs-scaling ---------------------
+
+
+class _CountingTrainer:
+    """``train_sgd`` that counts its calls (and can refuse to train)."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls: list[str] = []
+        self.refuse = refuse
+        self.train = mnist_mlp.train_sgd
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[float]:
+        self.calls.append(str(kwargs.get("label", "")))
+        if self.refuse:
+            raise AssertionError(f"trained again: {kwargs.get('label')}")
+        return self.train(*args, **kwargs)
+
+
+def _shared_ctx(tmp_path: Path, name: str) -> RunContext:
+    return RunContext("tiny", None, tmp_path / name, trained_dir=tmp_path / "_trained")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ensemble_reuses_the_network_mnist_mlp_trained(
+    tiny: Mapping[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same result as training again (the module fixture kept nothing), without training."""
+    mnist_mlp.run_seed(_shared_ctx(tmp_path, "mnist-mlp"), 0)
+    kept = sorted(p.name for p in (tmp_path / "_trained").iterdir())
+    assert len(kept) == len(mnist_mlp.MODELS)
+    assert all(name.endswith(".pt") for name in kept)
+    monkeypatch.setattr(mnist_mlp, "train_sgd", _CountingTrainer(refuse=True))
+    reused = ensemble_vs_scaling.run_seed(_shared_ctx(tmp_path, "ensemble-vs-scaling"), 0)
+    assert reused == tiny["ensemble-vs-scaling"][1]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_kept_network_is_keyed_by_what_training_depends_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = _shared_ctx(tmp_path, "ensemble-vs-scaling")
+    trainer = _CountingTrainer()
+    monkeypatch.setattr(mnist_mlp, "train_sgd", trainer)
+    first = ensemble_vs_scaling.run_seed(ctx, 0)
+    assert ensemble_vs_scaling.run_seed(ctx, 0) == first
+    assert len(trainer.calls) == 1
+    ensemble_vs_scaling.run_seed(ctx, 1)  # another seed: other weights, another subset
+    assert len(trainer.calls) == 2
+    _, protocol, data = mnist_mlp.load_protocol_data(ctx, 0)
+    changed = (data[0].clone(), *data[1:])
+    changed[0][0, 0] += 1.0  # one pixel of the training data
+    mnist_mlp.train_variant(ctx, protocol, changed, "dropout", 0)
+    assert len(trainer.calls) == 3
+    assert len(list((tmp_path / "_trained").glob("*.pt"))) == 3
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_damaged_kept_network_is_trained_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = _shared_ctx(tmp_path, "ensemble-vs-scaling")
+    first = ensemble_vs_scaling.run_seed(ctx, 0)
+    (path,) = (tmp_path / "_trained").glob("*.pt")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    trainer = _CountingTrainer()
+    monkeypatch.setattr(mnist_mlp, "train_sgd", trainer)
+    assert ensemble_vs_scaling.run_seed(ctx, 0) == first
+    assert len(trainer.calls) == 1
+    assert path.stat().st_size > 100  # written again, whole
+
+
+def test_a_context_without_trained_dir_keeps_nothing(tmp_path: Path) -> None:
+    ctx = RunContext("tiny", None, tmp_path / "mnist-mlp")
+    _, protocol, data = mnist_mlp.load_protocol_data(ctx, 0)
+    mnist_mlp.train_variant(ctx, protocol, data, "no dropout", 0)
+    assert list(tmp_path.rglob("*.pt")) == []
+
+
+def test_suite_shares_the_network_and_a_fresh_run_trains_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dropkit.experiments.reproduce import runner
+
+    trainer = _CountingTrainer()
+    monkeypatch.setattr(mnist_mlp, "train_sgd", trainer)
+    names = ["mnist-mlp", "ensemble-vs-scaling"]
+
+    def run(resume: bool) -> None:
+        options = runner.RunOptions(
+            scale="tiny", output=tmp_path, resume=resume, threads=1, progress=False, formats=("svg",)
+        )
+        result = runner.run_suite(names, options, stream=io.StringIO())
+        assert [o.status in ("failed", "skipped") for o in result.outcomes] == [False, False]
+
+    run(resume=False)
+    assert len(trainer.calls) == len(mnist_mlp.MODELS)  # the dropout network is trained once
+    trainer.calls.clear()
+    run(resume=False)  # replaces the seeds: trains again, once
+    assert len(trainer.calls) == len(mnist_mlp.MODELS)
+    trainer.calls.clear()
+    for seed_file in tmp_path.glob("*/seed-*.json"):
+        seed_file.unlink()
+    run(resume=True)  # the seeds are gone, the networks are kept: nothing is trained
+    assert trainer.calls == []

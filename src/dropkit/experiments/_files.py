@@ -81,17 +81,17 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically and durably.
+def write_atomic(path: str | Path, content: str | bytes) -> Path:
+    """Write ``content`` (text as UTF-8, or bytes as they are) to ``path`` atomically and durably.
 
-    The text goes to a new, uniquely named temporary file in ``path``'s directory, is flushed and
+    The content goes to a new, uniquely named temporary file in ``path``'s directory, is flushed and
     fsync'ed, then :func:`os.replace` puts it in place and the directory is fsync'ed where that
     is supported.  An interruption leaves the previous file (or none), never half a file; the
     temporary file is removed on failure.
 
     Args:
         path: the file to write; missing parent directories are created.
-        text: the content.
+        content: the text or bytes to write.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -100,11 +100,12 @@ def write_atomic(path: str | Path, text: str) -> Path:
         OSError: the directory or the file cannot be written.
     """
     path = Path(path)
+    payload = content.encode("utf-8") if isinstance(content, str) else bytes(content)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_unique(path.parent, path.name)
     try:
         with open(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
+            handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

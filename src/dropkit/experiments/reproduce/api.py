@@ -75,6 +75,9 @@ class RunContext:
         work_dir: ``OUTPUT/NAME``, created; an experiment may write extra files there.
         progress: show progress on stderr (:class:`dropkit.experiments._console.Progress`).
         label: prefix for progress lines (``"mnist-mlp seed 2"``).
+        trained_dir: where an experiment may keep a trained model for another experiment of the
+            same output directory that trains the same one (``OUTPUT/_trained``; ``mnist-mlp``
+            and ``ensemble-vs-scaling`` share their dropout network), or ``None``: keep nothing.
     """
 
     scale: Scale
@@ -82,6 +85,7 @@ class RunContext:
     work_dir: Path
     progress: bool = False
     label: str = ""
+    trained_dir: Path | None = None
 
     @property
     def quick(self) -> bool:

@@ -54,7 +54,9 @@ sets in the MC-dropout benchmark's layout), DIR/fashion-mnist. Without --data th
 experiments use scikit-learn's 8x8 digits and those that need data are reported as skipped.
 
 Every seed's result is written as soon as it finishes (OUTPUT/NAME/seed-K.json, atomically,
-with a checksum); --resume reuses the valid ones and runs the rest. An experiment that fails
+with a checksum); --resume reuses the valid ones and runs the rest. Networks that two
+experiments train alike (mnist-mlp's and ensemble-vs-scaling's dropout MLP) are kept in
+OUTPUT/_trained and trained once; a run without --resume trains them again. An experiment that fails
 is reported as failed and the others still run (exit status 1). Progress goes to stderr: bars
 on a terminal, one line per finished seed and experiment otherwise.
 """
@@ -119,7 +121,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="keep the finished seeds found in --output (damaged files are run again)",
+        help="keep the finished seeds and trained networks found in --output (damaged files are run again)",
     )
     parser.add_argument(
         "--threads",

@@ -21,7 +21,8 @@ every seed ("about 50" read as within a factor of five).
 Scales: ``tiny``: the tiny ``mnist-mlp`` network, ``K = 20``, 500 test images; ``quick`` and
 ``full``: that scale's ``mnist-mlp`` network, ``K = 100``, the whole test split (10,000 MNIST
 images, or 540 digits).  The full scale trains Table 9's network for each seed (about 35
-minutes of one CPU thread each; not run here).
+minutes of one CPU thread each), or loads the dropout network that ``mnist-mlp`` trained for
+the same seed in the same output directory (``OUTPUT/_trained``).
 """
 
 from __future__ import annotations

@@ -34,10 +34,16 @@ test error, and mean ± standard error over seeds.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
+import json
 import math
+import pickle
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +53,7 @@ from torch.nn import functional as F
 import dropkit
 from dropkit._validation import check_int
 from dropkit.experiments._console import Progress, format_number
+from dropkit.experiments._files import write_atomic
 from dropkit.experiments.reproduce import _stats
 from dropkit.experiments.reproduce.api import (
     Claim,
@@ -470,6 +477,49 @@ def variant_retain(name: str) -> tuple[float, float]:
     return (1.0, 1.0) if name == "no dropout" else (0.8, 0.5)
 
 
+def _trained_path(
+    trained_dir: Path,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    name: str,
+    seed: int,
+    schedule: SGDSchedule,
+    hidden: Sequence[int],
+) -> Path:
+    """The file of the network that :func:`train_variant` trains from these inputs.
+
+    The name carries a SHA-256 of everything training depends on (the data itself, the
+    variant, network, schedule and seed, and the torch and dropkit versions), so a network is
+    reused only where retraining would reproduce it."""
+    digest = hashlib.sha256()
+    recipe = {
+        "variant": name,
+        "seed": seed,
+        "hidden": list(hidden),
+        "schedule": schedule.to_dict(),
+        "torch": torch.__version__,
+        "dropkit": dropkit.__version__,
+    }
+    digest.update(json.dumps(recipe, sort_keys=True).encode("utf-8"))
+    for tensor in data:
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode("utf-8"))
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    return trained_dir / f"mnist-mlp-{slug}-seed{seed}-{digest.hexdigest()[:20]}.pt"
+
+
+def _load_trained(path: Path, model: nn.Module) -> dict[str, Any] | None:
+    """The result stored with a trained network (its weights loaded into ``model``), or
+    ``None`` when there is none or it cannot be read (then the caller trains)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(stored["state_dict"])
+        return dict(stored["result"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
+        return None
+
+
 def train_variant(
     ctx: RunContext,
     protocol: MLPProtocol,
@@ -477,7 +527,12 @@ def train_variant(
     name: str,
     seed: int,
 ) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Seed torch and dropkit with ``seed``, build the variant ``name`` and train it."""
+    """Seed torch and dropkit with ``seed``, build the variant ``name`` and train it.
+
+    The trained network and its result are kept in ``ctx.trained_dir`` when it is set:
+    ``mnist-mlp`` and ``ensemble-vs-scaling`` train the same dropout network for a seed (35
+    minutes of one thread at full scale), and the second to run loads it instead of training it
+    again."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     dropkit.manual_seed(seed)
@@ -492,6 +547,14 @@ def train_variant(
             "max_norm": MAX_NORM if name == "dropout + max-norm" else None,
         }
     )
+    path = None
+    if ctx.trained_dir is not None:
+        path = _trained_path(ctx.trained_dir, data, name, seed, schedule, protocol.hidden)
+    stored = _load_trained(path, model) if path is not None else None
+    if stored is not None:
+        if ctx.progress:
+            print(f"{ctx.label} {name}: trained network reused from {path}".strip(), file=sys.stderr)
+        return model, stored
     history = train_sgd(
         model,
         x_train,
@@ -506,7 +569,7 @@ def train_variant(
     ][:-1]
     norms = torch.cat(hidden_norms)
     wrong = misclassified(model, x_test, y_test)
-    return model, {
+    result = {
         "test_error": len(wrong) / len(y_test),
         "wrong": wrong,
         "train_error": classification_error(model, x_train, y_train),
@@ -515,6 +578,11 @@ def train_variant(
         "units_at_max_norm": float((norms >= MAX_NORM * (1.0 - 1e-4)).to(torch.float64).mean()),
         "schedule": schedule.to_dict(),
     }
+    if path is not None:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "result": result}, buffer)
+        write_atomic(path, buffer.getvalue())
+    return model, result
 
 
 def run_seed(ctx: RunContext, seed: int) -> dict[str, Any]:

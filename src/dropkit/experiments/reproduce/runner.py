@@ -58,6 +58,7 @@ from dropkit.experiments.reproduce.report import (
 __all__ = [
     "SEED_FORMAT",
     "STATUS_LABELS",
+    "TRAINED_DIR",
     "Outcome",
     "RunOptions",
     "SeedRecord",
@@ -79,6 +80,8 @@ SEED_FORMAT = "dropkit-reproduce-seed/1"
 #: What happened to an experiment: its verdict, or why there is none.
 Status = Literal["held", "not_held", "undecided", "skipped", "failed"]
 _ERROR_FILE = "error.txt"
+#: ``OUTPUT/_trained``: models one experiment trains and another reuses (``RunContext.trained_dir``).
+TRAINED_DIR = "_trained"
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class RunOptions:
         output: the output directory.
         seeds: seeds per experiment, overriding each experiment's ``default_seeds``; ``None``
             keeps them.
-        resume: reuse the valid finished seeds found in ``output``.
+        resume: reuse the valid finished seeds found in ``output``, and the models kept in
+            ``output/_trained`` (without it, a run removes them first and trains again).
         threads: torch intra-op threads during the run (the UCI benchmark's numba kernels follow
             them); ``None`` keeps torch's setting.
         progress: show progress on stderr.
@@ -467,7 +471,9 @@ def run_experiment(name: str, options: RunOptions, stream: TextIO | None = None)
         seeds = tuple(range(_seed_count(experiment, options)))
         outcome.seeds = seeds
         work_dir.mkdir(parents=True, exist_ok=True)
-        ctx = RunContext(options.scale, options.data_dir, work_dir, options.progress, name)
+        ctx = RunContext(
+            options.scale, options.data_dir, work_dir, options.progress, name, options.output / TRAINED_DIR
+        )
         records: dict[int, SeedRecord] = {}
         if options.resume:
             scan = scan_seeds(options.output, name, seeds, options.scale, options.data_dir)
@@ -557,6 +563,10 @@ def run_suite(names: Sequence[str], options: RunOptions, stream: TextIO | None =
     if conflicts:
         raise ValueError(conflicts_message(conflicts))
     options.output.mkdir(parents=True, exist_ok=True)
+    if not options.resume:
+        # A run that replaces its seeds trains again: networks of an earlier run are not reused.
+        for stale in (options.output / TRAINED_DIR).glob("*.pt"):
+            stale.unlink(missing_ok=True)
     started, start = _now(), time.perf_counter()
     previous_threads = torch.get_num_threads()
     if options.threads is not None:
