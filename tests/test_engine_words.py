@@ -4,6 +4,7 @@ answer (the reference engine forced, a trace, a transform)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -125,3 +126,79 @@ def test_first_use_loads_the_kernels_without_waiting_on_their_own_self_check() -
     assert not worker.is_alive(), "loading the kernels deadlocked"
     assert dispatch.loaded_kernels("cpu") is not None
     assert torch.equal(result[0], masks.normal_noise(KEYS[1], (16,), torch.float32))
+
+
+# --- keep masks from a threshold, compared where the draws lie in the words -------------------
+
+THRESHOLDS = [1, 2, 6554, 32768, 65535]  # the extremes of a partial mask, and p = 0.1, 0.5
+NUMELS = [1, 7, 8, 9, 1000, 4099]  # within a counter, at its edge, and past it
+
+
+@pytest.mark.parametrize("key", KEYS, ids=range(len(KEYS)))
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_kernel_threshold_mask_is_the_tensor_op_mask(key: torch.Tensor, threshold: int) -> None:
+    for numel in NUMELS:
+        got = words.kernel_threshold_mask(key, threshold, numel)
+        assert got is not None, "the CPU kernel did not answer an eager call"
+        with dropkit.use_reference_engine():
+            expected = masks.random_bits16(key, numel) >= threshold
+        assert got.dtype == torch.bool
+        assert got.shape == (numel,)
+        assert torch.equal(got, expected), numel
+
+
+def test_threshold_mask_rate_is_the_threshold() -> None:
+    # 2**20 draws at p = 0.1: the dropped fraction within 6 sigma of threshold / 2**16.
+    numel, threshold = 1 << 20, 6554
+    got = words.kernel_threshold_mask(KEYS[2], threshold, numel)
+    assert got is not None
+    rate = threshold / 2**16
+    dropped = 1.0 - float(got.double().mean())
+    assert abs(dropped - rate) < 6 * (rate * (1 - rate) / numel) ** 0.5
+
+
+class _CountingMasks:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, key: torch.Tensor, threshold: int, numel: int) -> torch.Tensor | None:
+        result = words.kernel_threshold_mask(key, threshold, numel)
+        self.calls += result is not None
+        return result
+
+
+def test_the_threshold_mask_kernel_answers_eager_calls_only() -> None:
+    spy = _CountingMasks()
+    previous = masks.set_threshold_mask_backend(spy)
+    try:
+        key = KEYS[1]
+        eager = masks.threshold_keep_mask(key, 20000, (6, 7))
+        assert spy.calls == 1
+        with dropkit.use_reference_engine():
+            assert torch.equal(masks.threshold_keep_mask(key, 20000, (6, 7)), eager)
+        assert spy.calls == 1, "the reference engine was forced"
+        compiled = torch.compile(lambda k: masks.threshold_keep_mask(k, 20000, (6, 7)), backend="aot_eager")
+        assert torch.equal(compiled(key), eager)
+        assert spy.calls == 1, "a compiled call used the kernel"
+        batched = torch.func.vmap(lambda k: masks.threshold_keep_mask(k, 20000, (6, 7)), randomness="same")(
+            torch.stack([key, KEYS[3]])
+        )
+        assert spy.calls == 1, "a vmapped call used the kernel"
+        assert torch.equal(batched[0], eager)
+    finally:
+        masks.set_threshold_mask_backend(previous)
+
+
+def test_drop_block_matches_the_reference_engine() -> None:
+    x = torch.randn(4, 6, 13, 11, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    outputs = []
+    for reference in (False, True):
+        dropkit.manual_seed(3)
+        layer = dropkit.nn.DropBlock2d(0.2, block_size=3).train()
+        with dropkit.use_reference_engine() if reference else contextlib.nullcontext():
+            y = layer(x)
+            (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        outputs.append((y, grad))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])
+    assert 0 < int((outputs[0][0] == 0).sum()) < x.numel()

@@ -65,6 +65,9 @@ LAYOUTS: dict[str, Callable[[torch.dtype], torch.Tensor]] = {
     "channels_last_3d": lambda dt: _values((2, 20, 3, 4, 5), dt).contiguous(
         memory_format=torch.channels_last_3d
     ),
+    # Channel masks over contiguous maps: one draw per run of H * W elements.
+    "nchw": lambda dt: _values((3, 5, 9, 11), dt),
+    "nchw_parallel": lambda dt: _values((4, 16, 32, 33), dt),
 }
 
 
@@ -142,23 +145,28 @@ BROADCAST_CASES = [
     ("channels_last_parallel", [2, 3]),
     ("channels_last_rgb", [2, 3]),
     ("channels_last_3d", [2, 3, 4]),
+    ("nchw", [2, 3]),
+    ("nchw_parallel", [2, 3]),
+    ("nchw", [1, 2, 3]),
     ("scalar", []),
     ("empty", [1]),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize(("layout", "dims"), BROADCAST_CASES)
 def test_broadcast_masks_bit_identical(
     layout: str, dims: list[int], dtype: torch.dtype, threads: None
 ) -> None:
+    # Inverted dropout's constants, and an affine map with a drop value (feature alpha dropout).
     x = LAYOUTS[layout](dtype)
     for p in [1e-5, 0.5, 0.999]:
         threshold = drop_threshold(p)
-        expected = reference.masked_affine(x, KEY, threshold, dims, 2.0, 0.0, 0.0)
-        for count in _thread_counts():
-            torch.set_num_threads(count)
-            assert_bit_identical(cpu.masked_affine(x, KEY, threshold, dims, 2.0, 0.0, 0.0), expected)
+        for constants in [(2.0, 0.0, 0.0), (1.7, 0.3, -1.2)]:
+            expected = reference.masked_affine(x, KEY, threshold, dims, *constants)
+            for count in _thread_counts():
+                torch.set_num_threads(count)
+                assert_bit_identical(cpu.masked_affine(x, KEY, threshold, dims, *constants), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

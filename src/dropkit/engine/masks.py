@@ -17,7 +17,10 @@ Work is done in chunks of counters; the chunk size changes nothing but peak memo
 words themselves may come from a faster generator of the same bits: the kernels layer registers
 one (:func:`set_philox_words_backend`; numba on the CPU), which every function here then uses in
 eager mode, so the Gaussian and structured noise built on :func:`philox_words` is fast without a
-second copy of it.
+second copy of it.  Keep masks from a float rate (:func:`threshold_keep_mask`, DropBlock's seeds
+and the other structured masks) may come whole from the same generator
+(:func:`set_threshold_mask_backend`): the 16-bit draws compared where they lie in the words,
+never widened to int64.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "random_bits16",
     "random_bits32",
     "set_philox_words_backend",
+    "set_threshold_mask_backend",
     "threshold_keep_mask",
 ]
 _ELEMENTS_PER_COUNTER = 8  # 4 words x 2 halves of 16 bits
@@ -58,6 +62,20 @@ def set_philox_words_backend(backend: WordsBackend | None) -> WordsBackend | Non
     previous one.  The backend must return exactly the words of the tensor-op generator."""
     global _words_backend
     previous, _words_backend = _words_backend, backend
+    return previous
+
+
+#: ``(key, threshold, numel) -> bool tensor of numel | None``: :func:`threshold_keep_mask`'s
+#: flat mask from a faster generator of the same bits, or ``None`` where it does not apply.
+ThresholdMaskBackend = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
+_threshold_mask_backend: ThresholdMaskBackend | None = None
+
+
+def set_threshold_mask_backend(backend: ThresholdMaskBackend | None) -> ThresholdMaskBackend | None:
+    """Let :func:`threshold_keep_mask` ask ``backend`` first (``None``: tensor ops only); returns
+    the previous one.  The backend must return exactly the mask of the tensor-op draws."""
+    global _threshold_mask_backend
+    previous, _threshold_mask_backend = _threshold_mask_backend, backend
     return previous
 
 
@@ -114,9 +132,9 @@ def random_bits16(key: torch.Tensor, numel: int) -> torch.Tensor:
     n_counters = -(-numel // _ELEMENTS_PER_COUNTER)
     chunks = []
     for first in range(0, n_counters, _chunk_counters):
-        words = philox_words(key, first, min(_chunk_counters, n_counters - first))
-        halves = [part for word in words for part in (word & 0xFFFF, word >> 16)]
-        chunks.append(torch.stack(halves, dim=1).reshape(-1))
+        # (counters, 4 words, 2 halves): word w's low half, then its high half, counter by counter.
+        words = torch.stack(philox_words(key, first, min(_chunk_counters, n_counters - first)), dim=1)
+        chunks.append(torch.stack((words & 0xFFFF, words >> 16), dim=2).reshape(-1))
     if not chunks:
         return torch.empty(0, dtype=torch.int64, device=key.device)
     return torch.cat(chunks)[:numel]
@@ -143,7 +161,12 @@ def threshold_keep_mask(key: torch.Tensor, threshold: int, shape: Sequence[int])
         return torch.ones(tuple(shape), dtype=torch.bool, device=key.device)
     if threshold == THRESHOLD_SCALE:
         return torch.zeros(tuple(shape), dtype=torch.bool, device=key.device)
-    return (random_bits16(key, math.prod(shape)) >= threshold).reshape(tuple(shape))
+    numel = math.prod(shape)
+    if _threshold_mask_backend is not None:
+        mask = _threshold_mask_backend(key, threshold, numel)
+        if mask is not None:
+            return mask.reshape(tuple(shape))
+    return (random_bits16(key, numel) >= threshold).reshape(tuple(shape))
 
 
 def normal_noise(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

@@ -377,6 +377,21 @@ def _apply(
             if kv[e] < threshold:
                 v = drop
             yv[e] = _narrow(v, yv)
+    elif xs == 1 and ys == 1 and ks == 0 and not has_bias and not has_residual:
+        # One draw for the whole run (a channel mask broadcast over a feature map): the branch
+        # leaves the loop, and each side is a plain vectorized fill or scale.
+        xv = x[xo : xo + n]
+        yv = y[yo : yo + n]
+        if bits[ko] < threshold:
+            dropped = _narrow(drop, yv)
+            for e in range(n):
+                yv[e] = dropped
+        else:
+            for e in range(n):
+                v = _widen(xv[e]) * scale
+                if has_shift:
+                    v = v + shift
+                yv[e] = _narrow(v, yv)
     elif xs == 1 and ys == 1 and ks == 1 and bs == 1 and rs == 1 and has_bias and has_residual:
         xv = x[xo : xo + n]
         bv = b[bo : bo + n]
