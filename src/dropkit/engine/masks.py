@@ -187,4 +187,5 @@ def normal_noise(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) ->
         chunks.append(torch.stack(pair, dim=1).reshape(-1))
     if not chunks:
         return torch.empty(tuple(shape), dtype=compute, device=key.device)
-    return torch.cat(chunks)[:numel].reshape(tuple(shape))
+    noise = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # one chunk: no copy
+    return noise[:numel].reshape(tuple(shape))
