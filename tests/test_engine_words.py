@@ -4,10 +4,13 @@ answer (the reference engine forced, a trace, a transform)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,21 +82,39 @@ def test_gaussian_layers_match_the_reference_engine() -> None:
 
 
 class _Counting:
-    def __init__(self) -> None:
-        self.calls = 0
+    """The kernel generator, counting the calls each of its methods answered."""
 
-    def __call__(self, key: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, ...] | None:
-        result = words.kernel_philox_words(key, first, count)
-        self.calls += result is not None
+    def __init__(self) -> None:
+        self.answered: collections.Counter[str] = collections.Counter()
+
+    @property
+    def calls(self) -> int:
+        return sum(self.answered.values())
+
+    def _count(self, method: str, result: Any) -> Any:
+        self.answered[method] += result is not None
         return result
+
+    def words(self, key: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, ...] | None:
+        return self._count("words", words.KERNEL_GENERATOR.words(key, first, count))
+
+    def threshold_mask(self, key: torch.Tensor, threshold: int, numel: int) -> torch.Tensor | None:
+        return self._count("threshold_mask", words.KERNEL_GENERATOR.threshold_mask(key, threshold, numel))
+
+    def box_muller_uniforms(
+        self, key: torch.Tensor, first: int, count: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._count(
+            "box_muller_uniforms", words.KERNEL_GENERATOR.box_muller_uniforms(key, first, count, dtype)
+        )
 
 
 @pytest.fixture
 def counting() -> Iterator[_Counting]:
     spy = _Counting()
-    previous = masks.set_philox_words_backend(spy)
+    previous = masks.set_fast_generator(spy)
     yield spy
-    masks.set_philox_words_backend(previous)
+    masks.set_fast_generator(previous)
 
 
 def test_the_kernel_answers_eager_calls_only(counting: _Counting) -> None:
@@ -138,7 +159,7 @@ NUMELS = [1, 7, 8, 9, 1000, 4099]  # within a counter, at its edge, and past it
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 def test_kernel_threshold_mask_is_the_tensor_op_mask(key: torch.Tensor, threshold: int) -> None:
     for numel in NUMELS:
-        got = words.kernel_threshold_mask(key, threshold, numel)
+        got = words.KERNEL_GENERATOR.threshold_mask(key, threshold, numel)
         assert got is not None, "the CPU kernel did not answer an eager call"
         with dropkit.use_reference_engine():
             expected = masks.random_bits16(key, numel) >= threshold
@@ -150,43 +171,64 @@ def test_kernel_threshold_mask_is_the_tensor_op_mask(key: torch.Tensor, threshol
 def test_threshold_mask_rate_is_the_threshold() -> None:
     # 2**20 draws at p = 0.1: the dropped fraction within 6 sigma of threshold / 2**16.
     numel, threshold = 1 << 20, 6554
-    got = words.kernel_threshold_mask(KEYS[2], threshold, numel)
+    got = words.KERNEL_GENERATOR.threshold_mask(KEYS[2], threshold, numel)
     assert got is not None
     rate = threshold / 2**16
     dropped = 1.0 - float(got.double().mean())
     assert abs(dropped - rate) < 6 * (rate * (1 - rate) / numel) ** 0.5
 
 
-class _CountingMasks:
-    def __init__(self) -> None:
-        self.calls = 0
+def test_the_threshold_mask_kernel_answers_eager_calls_only(counting: _Counting) -> None:
+    key = KEYS[1]
+    eager = masks.threshold_keep_mask(key, 20000, (6, 7))
+    assert counting.answered["threshold_mask"] == 1
+    with dropkit.use_reference_engine():
+        assert torch.equal(masks.threshold_keep_mask(key, 20000, (6, 7)), eager)
+    assert counting.calls == 1, "the reference engine was forced"
+    compiled = torch.compile(lambda k: masks.threshold_keep_mask(k, 20000, (6, 7)), backend="aot_eager")
+    assert torch.equal(compiled(key), eager)
+    assert counting.calls == 1, "a compiled call used the kernel"
+    batched = torch.func.vmap(lambda k: masks.threshold_keep_mask(k, 20000, (6, 7)), randomness="same")(
+        torch.stack([key, KEYS[3]])
+    )
+    assert counting.calls == 1, "a vmapped call used the kernel"
+    assert torch.equal(batched[0], eager)
 
-    def __call__(self, key: torch.Tensor, threshold: int, numel: int) -> torch.Tensor | None:
-        result = words.kernel_threshold_mask(key, threshold, numel)
-        self.calls += result is not None
-        return result
+
+# --- the Box-Muller uniforms ----------------------------------------------------------------
 
 
-def test_the_threshold_mask_kernel_answers_eager_calls_only() -> None:
-    spy = _CountingMasks()
-    previous = masks.set_threshold_mask_backend(spy)
-    try:
-        key = KEYS[1]
-        eager = masks.threshold_keep_mask(key, 20000, (6, 7))
-        assert spy.calls == 1
-        with dropkit.use_reference_engine():
-            assert torch.equal(masks.threshold_keep_mask(key, 20000, (6, 7)), eager)
-        assert spy.calls == 1, "the reference engine was forced"
-        compiled = torch.compile(lambda k: masks.threshold_keep_mask(k, 20000, (6, 7)), backend="aot_eager")
-        assert torch.equal(compiled(key), eager)
-        assert spy.calls == 1, "a compiled call used the kernel"
-        batched = torch.func.vmap(lambda k: masks.threshold_keep_mask(k, 20000, (6, 7)), randomness="same")(
-            torch.stack([key, KEYS[3]])
-        )
-        assert spy.calls == 1, "a vmapped call used the kernel"
-        assert torch.equal(batched[0], eager)
-    finally:
-        masks.set_threshold_mask_backend(previous)
+@pytest.mark.parametrize("key", KEYS, ids=range(len(KEYS)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("first", "count"), SPANS)
+def test_kernel_uniforms_are_the_tensor_op_uniforms(
+    key: torch.Tensor, dtype: torch.dtype, first: int, count: int
+) -> None:
+    got = words.KERNEL_GENERATOR.box_muller_uniforms(key, first, count, dtype)
+    assert got is not None, "the CPU kernel did not answer an eager call"
+    with dropkit.use_reference_engine():
+        expected = masks.box_muller_uniforms(key, first, count, dtype)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == dtype
+        assert a.shape == (count, 2)
+        assert a.is_contiguous()
+        assert torch.equal(a, b)
+        assert float(a.min()) > 0.0
+        assert float(a.max()) < 1.0
+
+
+def test_every_24_bit_uniform_rounds_like_the_tensor_ops() -> None:
+    # The kernel rounds (x + 0.5) * 2**-24 once from float64; the tensor ops round x + 0.5 in
+    # float32 and scale exactly: equal for every one of the 2**24 values x = w >> 8 can take.
+    x = torch.arange(2**24, dtype=torch.int64)
+    tensor_ops = (x.to(torch.float32) + 0.5) * 2.0**-24
+    once = torch.from_numpy(((x.numpy().astype(np.float64) + 0.5) * 2.0**-24).astype(np.float32))
+    assert torch.equal(tensor_ops.view(torch.int32), once.view(torch.int32))
+
+
+def test_uniforms_only_for_the_dtypes_the_noise_is_computed_in() -> None:
+    assert words.KERNEL_GENERATOR.box_muller_uniforms(KEYS[0], 0, 4, torch.bfloat16) is None
+    assert words.KERNEL_GENERATOR.box_muller_uniforms(KEYS[0], 0, 0, torch.float32) is None
 
 
 def test_drop_block_matches_the_reference_engine() -> None:

@@ -13,21 +13,21 @@ Bit layout (the contract that every fast kernel reproduces bit for bit):
   and words 2, 3 give ``4n + 2``, ``4n + 3`` by the Box-Muller transform of the uniforms
   ``((w >> 8) + 0.5) * 2**-24``.
 
-Work is done in chunks of counters; the chunk size changes nothing but peak memory.  The Philox
-words themselves may come from a faster generator of the same bits: the kernels layer registers
-one (:func:`set_philox_words_backend`; numba on the CPU), which every function here then uses in
-eager mode, so the Gaussian and structured noise built on :func:`philox_words` is fast without a
-second copy of it.  Keep masks from a float rate (:func:`threshold_keep_mask`, DropBlock's seeds
-and the other structured masks) may come whole from the same generator
-(:func:`set_threshold_mask_backend`): the 16-bit draws compared where they lie in the words,
-never widened to int64.
+Work is done in chunks of counters; the chunk size changes nothing but peak memory.  The bits
+may come from a faster generator of the same bits (a :class:`FastGenerator`): the kernels layer
+registers one (:func:`set_fast_generator`; numba on the CPU), which the functions here ask first
+in eager mode, so the Gaussian and structured noise is fast without a second copy of the
+formulas: it gives the Philox words, the keep masks of a threshold (the 16-bit draws compared
+where they lie in the words, never widened to int64) and the Box-Muller uniforms; the
+transcendental steps of the Gaussian noise always run in the tensor ops below.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 
@@ -40,10 +40,11 @@ __all__ = [
     "mask_shape",
     "normal_noise",
     "philox_words",
+    "box_muller_uniforms",
     "random_bits16",
     "random_bits32",
-    "set_philox_words_backend",
-    "set_threshold_mask_backend",
+    "FastGenerator",
+    "set_fast_generator",
     "threshold_keep_mask",
 ]
 _ELEMENTS_PER_COUNTER = 8  # 4 words x 2 halves of 16 bits
@@ -51,31 +52,32 @@ _NORMALS_PER_COUNTER = 4
 
 _chunk_counters = 1 << 20
 
-#: ``(key, first, count) -> (w0, w1, w2, w3) | None``: the same words from a faster generator, or
-#: ``None`` where it does not apply (tracing, another device, the reference engine forced).
-WordsBackend = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, ...] | None"]
-_words_backend: WordsBackend | None = None
+
+class FastGenerator(Protocol):
+    """A faster source of the engine's bits.  Each method returns exactly what the tensor ops
+    here compute, or ``None`` where it does not apply (a traced or transformed call, another
+    device, the reference engine forced); the functions here then compute it themselves."""
+
+    def words(self, key: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, ...] | None:
+        """:func:`philox_words`: the four words (int64) of counters ``first ..``."""
+
+    def threshold_mask(self, key: torch.Tensor, threshold: int, numel: int) -> torch.Tensor | None:
+        """:func:`threshold_keep_mask`'s flat bool mask of ``numel`` elements."""
+
+    def box_muller_uniforms(
+        self, key: torch.Tensor, first: int, count: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`box_muller_uniforms` of counters ``first .. first + count - 1``."""
 
 
-def set_philox_words_backend(backend: WordsBackend | None) -> WordsBackend | None:
-    """Let :func:`philox_words` ask ``backend`` first (``None``: tensor ops only); returns the
-    previous one.  The backend must return exactly the words of the tensor-op generator."""
-    global _words_backend
-    previous, _words_backend = _words_backend, backend
-    return previous
+_fast: FastGenerator | None = None
 
 
-#: ``(key, threshold, numel) -> bool tensor of numel | None``: :func:`threshold_keep_mask`'s
-#: flat mask from a faster generator of the same bits, or ``None`` where it does not apply.
-ThresholdMaskBackend = Callable[[torch.Tensor, int, int], "torch.Tensor | None"]
-_threshold_mask_backend: ThresholdMaskBackend | None = None
-
-
-def set_threshold_mask_backend(backend: ThresholdMaskBackend | None) -> ThresholdMaskBackend | None:
-    """Let :func:`threshold_keep_mask` ask ``backend`` first (``None``: tensor ops only); returns
-    the previous one.  The backend must return exactly the mask of the tensor-op draws."""
-    global _threshold_mask_backend
-    previous, _threshold_mask_backend = _threshold_mask_backend, backend
+def set_fast_generator(generator: FastGenerator | None) -> FastGenerator | None:
+    """Let the functions here ask ``generator`` first (``None``: tensor ops only); returns the
+    previous one."""
+    global _fast
+    previous, _fast = _fast, generator
     return previous
 
 
@@ -99,8 +101,8 @@ def mask_shape(shape: Sequence[int], broadcast_dims: Sequence[int]) -> list[int]
 
 def philox_words(key: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, ...]:
     """The four 32-bit output words (int64 tensors) of counters ``first .. first + count - 1``."""
-    if _words_backend is not None:
-        words = _words_backend(key, first, count)
+    if _fast is not None:
+        words = _fast.words(key, first, count)
         if words is not None:
             return words
     counters = torch.arange(first, first + count, dtype=torch.int64, device=key.device)
@@ -162,11 +164,48 @@ def threshold_keep_mask(key: torch.Tensor, threshold: int, shape: Sequence[int])
     if threshold == THRESHOLD_SCALE:
         return torch.zeros(tuple(shape), dtype=torch.bool, device=key.device)
     numel = math.prod(shape)
-    if _threshold_mask_backend is not None:
-        mask = _threshold_mask_backend(key, threshold, numel)
+    if _fast is not None:
+        mask = _fast.threshold_mask(key, threshold, numel)
         if mask is not None:
             return mask.reshape(tuple(shape))
     return (random_bits16(key, numel) >= threshold).reshape(tuple(shape))
+
+
+def _pair_last(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``torch.stack((first, second), dim=-1)``.  Eagerly on plain tensors, two strided copies
+    into a new tensor: the CPU's stack takes a generic path here, about 5x slower.  Where a trace,
+    a transform or a mode must see a functional op, the stack itself."""
+    if (
+        torch.compiler.is_compiling()
+        or type(first) is not torch.Tensor
+        or type(second) is not torch.Tensor
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._len_torch_dispatch_stack() != 0
+        or torch._C._is_torch_function_mode_enabled()
+        or (torch.is_grad_enabled() and (first.requires_grad or second.requires_grad))
+    ):
+        return torch.stack((first, second), dim=-1)
+    paired = first.new_empty((*first.shape, 2))
+    paired.select(-1, 0).copy_(first)
+    paired.select(-1, 1).copy_(second)
+    return paired
+
+
+def box_muller_uniforms(
+    key: torch.Tensor, first: int, count: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uniforms of counters ``first .. first + count - 1`` for :func:`normal_noise`, each a
+    contiguous ``(count, 2)`` tensor of ``dtype``: ``((w >> 8) + 0.5) * 2**-24`` of words 0 and 2
+    (for the radii) and of words 1 and 3 (for the angles)."""
+    if _fast is not None:
+        uniforms = _fast.box_muller_uniforms(key, first, count, dtype)
+        if uniforms is not None:
+            return uniforms
+    w0, w1, w2, w3 = philox_words(key, first, count)
+    return (
+        ((torch.stack((w0, w2), dim=1) >> 8).to(dtype) + 0.5) * 2.0**-24,
+        ((torch.stack((w1, w3), dim=1) >> 8).to(dtype) + 0.5) * 2.0**-24,
+    )
 
 
 def normal_noise(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -176,15 +215,15 @@ def normal_noise(key: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) ->
     n_counters = -(-numel // _NORMALS_PER_COUNTER)
     chunks = []
     for first in range(0, n_counters, _chunk_counters):
-        w0, w1, w2, w3 = philox_words(key, first, min(_chunk_counters, n_counters - first))
-        pair = []
-        for a, b in ((w0, w1), (w2, w3)):
-            u1 = ((a >> 8).to(compute) + 0.5) * 2.0**-24
-            u2 = ((b >> 8).to(compute) + 0.5) * 2.0**-24
-            radius = torch.sqrt(-2.0 * torch.log(u1))
-            angle = (2.0 * math.pi) * u2
-            pair += [radius * torch.cos(angle), radius * torch.sin(angle)]
-        chunks.append(torch.stack(pair, dim=1).reshape(-1))
+        # (counters, 2 pairs): the transcendental ops take contiguous inputs, where torch's CPU
+        # log, cos and sin give an element the same bits wherever it lies.
+        for_radius, for_angle = box_muller_uniforms(
+            key, first, min(_chunk_counters, n_counters - first), compute
+        )
+        radius = torch.sqrt(-2.0 * torch.log(for_radius))
+        angle = (2.0 * math.pi) * for_angle
+        # (counters, 2 pairs, cos then sin): elements 4n .. 4n + 3 of the noise.
+        chunks.append(_pair_last(radius * torch.cos(angle), radius * torch.sin(angle)).reshape(-1))
     if not chunks:
         return torch.empty(tuple(shape), dtype=compute, device=key.device)
     noise = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # one chunk: no copy

@@ -130,6 +130,7 @@ _PM0 = np.uint64(0xD2511F53)
 _PM1 = np.uint64(0xCD9E8D57)
 _PW0 = np.uint64(0x9E3779B9)
 _PW1 = np.uint64(0xBB67AE85)
+_UNIFORM_SCALE = 2.0**-24  # Box-Muller uniforms: the top 24 bits of a word, centred
 _THRESHOLD_SCALE = THRESHOLD_SCALE
 
 # Row mode: 8192 elements = 1024 counters a task; the word buffer (16 KiB) stays in L1.
@@ -336,6 +337,20 @@ def philox_words(words: Any, start: int, first_counter: int, count: int, key: An
         out[4 * j + 1] = np.uint32(a1)
         out[4 * j + 2] = np.uint32(a2)
         out[4 * j + 3] = np.uint32(a3)
+
+
+@numba.njit(cache=True, nogil=True)
+def box_muller_uniforms(for_radius: Any, for_angle: Any, first_counter: int, count: int, key: Any) -> None:
+    """The engine's Box-Muller uniforms ``((w >> 8) + 0.5) * 2**-24`` of counters
+    ``first_counter ..``: words 0 and 2 into ``for_radius[2j], [2j + 1]``, words 1 and 3 into
+    ``for_angle`` (float32 or float64 arrays of ``2 * count``).  Computed in float64, where it is
+    exact, and rounded once when stored: the bits of the tensor ops' float32 arithmetic."""
+    words = np.empty(4 * count, np.uint32)
+    philox_words(words, 0, first_counter, count, key)
+    for j in range(count):
+        for pair in range(2):
+            for_radius[2 * j + pair] = (np.float64(words[4 * j + 2 * pair] >> 8) + 0.5) * _UNIFORM_SCALE
+            for_angle[2 * j + pair] = (np.float64(words[4 * j + 2 * pair + 1] >> 8) + 0.5) * _UNIFORM_SCALE
 
 
 @numba.njit(cache=True, nogil=True)
