@@ -20,6 +20,7 @@ from torch import nn
 
 import dropkit
 from dropkit.diagnostics import (
+    adaptive_l2,
     dropout_penalty,
     ensemble_gap,
     li_variance_ratio,
@@ -31,7 +32,7 @@ from dropkit.diagnostics import (
 from dropkit.diagnostics.adaptive_l2 import cumulant, find_head, measure_head_penalty
 from dropkit.diagnostics.flow import trace_flow
 from dropkit.metrics import regression as regression_metrics
-from tests.conftest import SIGMAS
+from tests.conftest import SIGMAS, peak_cpu_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -273,6 +274,25 @@ def test_monte_carlo_agrees_with_enumeration_within_its_standard_error() -> None
     assert sampled.exact_se > 0
     assert abs(sampled.exact - exact.exact) <= SIGMAS * sampled.exact_se
     assert sampled.quadratic == exact.quadratic
+
+
+def test_monte_carlo_memory_is_bounded_and_bernoulli_draws_do_not_depend_on_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 2,000 x 784 features: 256 noised float64 copies at once would take 3.2 GB.
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(2000, 784, generator=generator, dtype=torch.float64)
+    w = 0.05 * torch.randn(784, generator=generator, dtype=torch.float64)
+    results: list[object] = []
+    peak = peak_cpu_bytes(
+        lambda: results.append(dropout_penalty(x, w, p=0.5, method="monte_carlo", samples=64, seed=3))
+    )
+    assert peak < 600 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    monkeypatch.setattr(adaptive_l2, "_MC_CHUNK_ELEMENTS", 1 << 40)  # every draw in one chunk
+    whole = dropout_penalty(x, w, p=0.5, method="monte_carlo", samples=64, seed=3)
+    chunked = results[0]
+    assert isinstance(chunked, adaptive_l2.AdaptiveL2)
+    assert (chunked.exact, chunked.exact_se) == (whole.exact, whole.exact_se)
 
 
 def test_gaussian_family_is_srivastavas_ridge() -> None:

@@ -388,6 +388,10 @@ def _enumerate(
     return total
 
 
+#: Elements of noised features per Monte Carlo chunk (float64: 64 MiB per array of the chunk).
+_MC_CHUNK_ELEMENTS = 1 << 23
+
+
 def _monte_carlo(
     family: str,
     noise: str,
@@ -402,8 +406,12 @@ def _monte_carlo(
     generator = torch.Generator().manual_seed(seed)
     q = 1.0 - rate
     values = []
-    for start in range(0, samples, 256):
-        count = min(256, samples - start)
+    # Draws per chunk: up to 256, fewer where 256 noised copies of x would not fit the budget
+    # (MNIST's 10,000 x 784 would take 16 GB at 256).  Bernoulli draws do not depend on the
+    # chunking; torch's normal draws do, so large inputs get another (equally valid) estimate.
+    chunk = max(1, min(256, _MC_CHUNK_ELEMENTS // max(1, x.numel())))
+    for start in range(0, samples, chunk):
+        count = min(chunk, samples - start)
         shape = (count, *x.shape)
         if noise == "bernoulli":
             multiplier = (torch.rand(shape, generator=generator, dtype=torch.float64) < q).to(
