@@ -259,6 +259,29 @@ def _probabilities(
     return p, tl.where(keep, p * keep_scale, 0.0), keep
 
 
+@triton.jit
+def _row_block(
+    Q: tl.tensor, DO: tl.tensor, LSE: tl.tensor, Delta: tl.tensor, z: tl.tensor, h: tl.tensor,
+    zh: tl.tensor, offs_m: tl.tensor, rows_valid: tl.tensor, offs_d: tl.tensor, offs_dv: tl.tensor,
+    sqz: tl.tensor, sqh: tl.tensor, sqm: tl.tensor, sqd: tl.tensor, sdoz: tl.tensor, sdoh: tl.tensor,
+    sdom: tl.tensor, sdod: tl.tensor, length_q: tl.tensor, head_dim: tl.tensor, value_dim: tl.tensor,
+    WIDEN: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor]:  # fmt: skip
+    """What both backward kernels read of the query rows ``offs_m`` of one head: ``q`` and
+    ``dO`` (as dot operands), the forward's log-sum-exp and ``delta = rowsum(dO * O)``."""
+    q = tl.load(
+        Q + z * sqz + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=rows_valid[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        DO + z * sdoz + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+        mask=rows_valid[:, None] & (offs_dv[None, :] < value_dim), other=0.0,
+    )  # fmt: skip
+    lse = tl.load(LSE + zh * length_q + offs_m, mask=rows_valid, other=float("inf"))
+    delta = tl.load(Delta + zh * length_q + offs_m, mask=rows_valid, other=0.0)
+    return _operand(q, WIDEN), _operand(do, WIDEN), lse, delta
+
+
 @triton.jit(do_not_specialize=["threshold"])
 def _backward_kv_kernel(
     Q: tl.tensor, K: tl.tensor, V: tl.tensor, Mask: tl.tensor, DO: tl.tensor, LSE: tl.tensor,
@@ -297,17 +320,10 @@ def _backward_kv_kernel(
     for start_m in range(begin, length_q, BLOCK_M):
         offs_m = start_m + offs_m0
         rows_valid = offs_m < length_q
-        q = tl.load(
-            Q + z * sqz + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            mask=rows_valid[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+        q, do, lse, delta = _row_block(
+            Q, DO, LSE, Delta, z, h, zh, offs_m, rows_valid, offs_d, offs_dv, sqz, sqh, sqm, sqd,
+            sdoz, sdoh, sdom, sdod, length_q, head_dim, value_dim, WIDEN,
         )  # fmt: skip
-        do = tl.load(
-            DO + z * sdoz + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-            mask=rows_valid[:, None] & (offs_dv[None, :] < value_dim), other=0.0,
-        )  # fmt: skip
-        q, do = _operand(q, WIDEN), _operand(do, WIDEN)
-        lse = tl.load(LSE + zh * length_q + offs_m, mask=rows_valid, other=float("inf"))
-        delta = tl.load(Delta + zh * length_q + offs_m, mask=rows_valid, other=0.0)
         mask_ptrs = Mask + z * smz + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
         s = _scores(
             q, k_ptrs, mask_ptrs, offs_m, offs_n, rows_valid, length_k, factor, head_dim, offs_d,
@@ -353,17 +369,10 @@ def _backward_q_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_valid = offs_m < length_q
-    q = tl.load(
-        Q + z * sqz + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=rows_valid[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+    q, do, lse, delta = _row_block(
+        Q, DO, LSE, Delta, z, h, zh, offs_m, rows_valid, offs_d, offs_dv, sqz, sqh, sqm, sqd,
+        sdoz, sdoh, sdom, sdod, length_q, head_dim, value_dim, WIDEN,
     )  # fmt: skip
-    do = tl.load(
-        DO + z * sdoz + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-        mask=rows_valid[:, None] & (offs_dv[None, :] < value_dim), other=0.0,
-    )  # fmt: skip
-    q, do = _operand(q, WIDEN), _operand(do, WIDEN)
-    lse = tl.load(LSE + zh * length_q + offs_m, mask=rows_valid, other=float("inf"))
-    delta = tl.load(Delta + zh * length_q + offs_m, mask=rows_valid, other=0.0)
     k_base = K + z * skz + kv * skh + offs_d[:, None] * skd
     v_base = V + z * svz + kv * svh + offs_dv[:, None] * svd
     mask_base = Mask + z * smz + h * smh + offs_m[:, None] * smm
