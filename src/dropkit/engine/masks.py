@@ -136,7 +136,7 @@ def random_bits16(key: torch.Tensor, numel: int) -> torch.Tensor:
     for first in range(0, n_counters, _chunk_counters):
         # (counters, 4 words, 2 halves): word w's low half, then its high half, counter by counter.
         words = torch.stack(philox_words(key, first, min(_chunk_counters, n_counters - first)), dim=1)
-        chunks.append(torch.stack((words & 0xFFFF, words >> 16), dim=2).reshape(-1))
+        chunks.append(_pair_last(words & 0xFFFF, words >> 16).reshape(-1))
     if not chunks:
         return torch.empty(0, dtype=torch.int64, device=key.device)
     return torch.cat(chunks)[:numel]
