@@ -151,6 +151,29 @@ class RunLoad:
         print(f"# dropkit CPU backend: {backend}; load average before: {self.load_before}")
 
 
+def start_run(threads: int) -> tuple[RunLoad, dict[str, Any]]:
+    """Set ``threads``, seed torch and dropkit with 0, print the run's header and start its load
+    record: the opening of every benchmark that times dropkit against torch in one process."""
+    set_threads(threads)
+    torch.manual_seed(0)
+    dropkit.manual_seed(0)
+    run_load = RunLoad()
+    info = machine_info() | {"dropkit_file": dropkit.__file__, "threads": torch.get_num_threads()}
+    print(
+        f"# dropkit {info['dropkit']} from {info['dropkit_file']}; torch {info['torch']}; "
+        f"{info['threads']} thread(s); {info['cpu_model']}, {info['logical_cpus']} CPUs"
+    )
+    run_load.print_start(info)
+    return run_load, info
+
+
+def write_results(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` as indented JSON to ``path`` (parents created) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"# wrote {path}")
+
+
 def print_load(conditions: dict[str, Any]) -> None:
     print(
         f"\n# load average after: {conditions['load_average_after']} (includes this benchmark's own threads)"
@@ -464,9 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
         "checks": checks,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"# wrote {args.output}")
+    write_results(args.output, result)
     return 0
 
 

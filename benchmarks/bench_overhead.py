@@ -27,7 +27,6 @@ checks.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 
 import dropkit
-from bench_dropout import RunLoad, format_table, machine_info, print_load, set_threads
+from bench_dropout import format_table, print_load, start_run, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 P = 0.1
@@ -153,16 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     repeats = args.repeats or (5 if args.quick else 15)
     warmup = 20 if args.quick else 100
-    set_threads(args.threads)
-    torch.manual_seed(0)
-    dropkit.manual_seed(0)
-    run_load = RunLoad()
-    info = machine_info() | {"dropkit_file": dropkit.__file__, "threads": torch.get_num_threads()}
-    print(
-        f"# dropkit {info['dropkit']} from {info['dropkit_file']}; torch {info['torch']}; "
-        f"{info['threads']} thread(s); {info['cpu_model']}, {info['logical_cpus']} CPUs"
-    )
-    run_load.print_start(info)
+    run_load, info = start_run(args.threads)
 
     rows = []
     for case in CASES:
@@ -188,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "overhead": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"# wrote {args.json}")
+    write_results(args.json, result)
     return 0
 
 

@@ -25,7 +25,6 @@ smoke checks.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 import dropkit
-from bench_dropout import RunLoad, format_table, machine_info, print_load, set_threads
+from bench_dropout import format_table, print_load, start_run, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 P = 0.1
@@ -129,16 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 11)
     calls = 3 if args.quick else 7
     shapes = SHAPES[:1] if args.quick else SHAPES
-    set_threads(args.threads)
-    torch.manual_seed(0)
-    dropkit.manual_seed(0)
-    run_load = RunLoad()
-    info = machine_info() | {"dropkit_file": dropkit.__file__, "threads": torch.get_num_threads()}
-    print(
-        f"# dropkit {info['dropkit']} from {info['dropkit_file']}; torch {info['torch']}; "
-        f"{info['threads']} thread(s); {info['cpu_model']}, {info['logical_cpus']} CPUs"
-    )
-    run_load.print_start(info)
+    run_load, info = start_run(args.threads)
     rows = []
     for shape in shapes:
         rows += measure(shape, repeats, calls)
@@ -152,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"p": P, "threads": args.threads, "repeats": repeats, "calls": calls, "quick": args.quick},
         "variants": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"# wrote {args.json}")
+    write_results(args.json, result)
     return 0
 
 
