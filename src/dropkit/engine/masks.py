@@ -40,6 +40,7 @@ __all__ = [
     "mask_shape",
     "normal_noise",
     "philox_words",
+    "plain_eager",
     "box_muller_uniforms",
     "random_bits16",
     "random_bits32",
@@ -171,18 +172,25 @@ def threshold_keep_mask(key: torch.Tensor, threshold: int, shape: Sequence[int])
     return (random_bits16(key, numel) >= threshold).reshape(tuple(shape))
 
 
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether the engine may leave the tensor ops for ``tensors`` (a faster generator, in-place
+    assembly): eager mode on plain tensors, with no compile trace, ``torch.func`` transform, or
+    dispatch or function mode that must see the ops."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(type(t) is torch.Tensor for t in tensors)
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
 def _pair_last(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """``torch.stack((first, second), dim=-1)``.  Eagerly on plain tensors, two strided copies
     into a new tensor: the CPU's stack takes a generic path here, about 5x slower.  Where a trace,
-    a transform or a mode must see a functional op, the stack itself."""
-    if (
-        torch.compiler.is_compiling()
-        or type(first) is not torch.Tensor
-        or type(second) is not torch.Tensor
-        or torch._C._are_functorch_transforms_active()
-        or torch._C._len_torch_dispatch_stack() != 0
-        or torch._C._is_torch_function_mode_enabled()
-        or (torch.is_grad_enabled() and (first.requires_grad or second.requires_grad))
+    a transform, a mode or autograd must see a functional op, the stack itself."""
+    if not plain_eager(first, second) or (
+        torch.is_grad_enabled() and (first.requires_grad or second.requires_grad)
     ):
         return torch.stack((first, second), dim=-1)
     paired = first.new_empty((*first.shape, 2))

@@ -37,17 +37,15 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 def _cpu_kernels(key: torch.Tensor, count: int) -> ModuleType | None:
     """The loaded CPU kernels where they may answer for ``key``, else ``None``: a traced or
-    transformed call, a key that is not a plain CPU int64 ``[seed, stream, step]``, nothing to
-    generate, the reference engine forced, or no numba kernels."""
+    transformed call or a mode (:func:`~dropkit.engine.masks.plain_eager`), a key that is not a
+    CPU int64 ``[seed, stream, step]``, nothing to generate, the reference engine forced, or no
+    numba kernels."""
     if (
-        type(key) is not torch.Tensor
+        not masks.plain_eager(key)
         or not key.is_cpu
         or key.dtype != torch.int64
         or key.shape != (3,)
         or count <= 0
-        or torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack() != 0
-        or torch._C._functorch.peek_interpreter_stack() is not None
         or dispatch.use_reference_engine_now()
     ):
         return None
