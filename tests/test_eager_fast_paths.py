@@ -4,8 +4,11 @@ and rank-fold state is read per thread, and the CPU backend checks its own keys.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -104,52 +107,52 @@ def test_keys_the_cpu_kernels_do_not_take_are_answered_by_the_reference() -> Non
     assert backend_for("cpu") == dispatch.NUMBA
 
 
-def test_a_rank_fold_in_one_thread_leaves_the_others_on_the_global_rank() -> None:
-    inside, entered, release = [], threading.Event(), threading.Event()
+@contextlib.contextmanager
+def _held_open_in_another_thread(
+    context: AbstractContextManager[object], inside: Callable[[], object] = lambda: None
+) -> Iterator[None]:
+    """Enter ``context`` in another thread, run ``inside`` there, and keep the context open
+    there while the block runs in this thread."""
+    entered, release = threading.Event(), threading.Event()
 
-    def folded() -> None:
-        with streams.rank_fold((3,)):
-            inside.append(streams.effective_seed())
+    def hold() -> None:
+        with context:
+            inside()
             entered.set()
             release.wait(10)
 
-    thread = threading.Thread(target=folded)
+    thread = threading.Thread(target=hold)
     thread.start()
     try:
         assert entered.wait(10)
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_rank_fold_in_one_thread_leaves_the_others_on_the_global_rank() -> None:
+    inside: list[int] = []
+    with _held_open_in_another_thread(
+        streams.rank_fold((3,)), lambda: inside.append(streams.effective_seed())
+    ):
         assert streams.effective_seed() == streams.fold_seed(streams.initial_seed(), (0,))
         other: list[int] = []
         fresh = threading.Thread(target=lambda: other.append(streams.effective_seed()))
         fresh.start()
         fresh.join()
         assert other == [streams.initial_seed()]
-    finally:
-        release.set()
-        thread.join()
     assert inside == [streams.fold_seed(streams.initial_seed(), (3,))]
 
 
 def test_a_replay_in_one_thread_does_not_replay_the_draws_of_another() -> None:
     _, replay = checkpoint.checkpoint_context()  # replays an empty log: any draw there would fail
     layer = dropkit.nn.Dropout(0.5)
-    entered, release = threading.Event(), threading.Event()
-
-    def replaying() -> None:
-        with replay:
-            entered.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=replaying)
-    thread.start()
-    try:
-        assert entered.wait(10)
+    with _held_open_in_another_thread(replay):
         assert checkpoint.open_frames == 1
         steps = [int(layer.rng_step)]
         layer(torch.ones(8))  # a fresh draw here, not a replay of the other thread's log
         steps.append(int(layer.rng_step))
-    finally:
-        release.set()
-        thread.join()
     assert steps[1] == steps[0] + 1
     assert checkpoint.open_frames == 0
 
