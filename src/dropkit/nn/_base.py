@@ -148,10 +148,15 @@ class _UnaryRandomLayer(_RandomLayer):
 
     _functional: ClassVar[Callable[..., torch.Tensor]]
     _rate_holder: ClassVar[str] = "p_tensor"  # the holder of the rate the op takes
+    _rate_value: ClassVar[str] = "_p"  # the float it mirrors (derived from _rate_holder)
     # A layer of torch's dropout family returns its input itself at p = 0, as torch's do (of any
     # dtype): eagerly it passes the float 0, for which the op is a pass-through.
     _zero_rate_passes_through: ClassVar[bool] = False
     inplace: bool
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._rate_value = "_" + cls._rate_holder.removesuffix("_tensor")
 
     def _options(self) -> dict[str, Any]:
         """Keyword options of the functional op besides the rate and the randomness, in a fresh
@@ -164,21 +169,21 @@ class _UnaryRandomLayer(_RandomLayer):
         """Apply the layer; ``seed`` (int or key) or ``generator`` fix the randomness of this call."""
         if seed is not None or generator is not None:
             check_seed(seed, generator)  # also where nothing is drawn (eval, p = 0)
-        holder = self._rate_holder
         training = self.training
         if training:
             seed = self._key(input, seed, generator)  # torch.jit.trace is refused here
-        elif torch.jit.is_tracing():
-            # Traced (eval only) the float, a constant, not a read of the holder.
-            holder = "_" + holder.removesuffix("_tensor")
-        rate = self.__dict__[holder]
-        # A compiled graph always reads the holder: it neither branches nor guards on the rate.
-        if (
-            self._zero_rate_passes_through
-            and not torch.compiler.is_compiling()
-            and self.__dict__["_p"] == 0.0
-        ):
-            rate = 0.0
+        holder = self._rate_holder
+        if torch.compiler.is_compiling() or type(input) is not torch.Tensor:
+            # A compiled graph (or an FX trace) reads the holder: it neither branches nor guards
+            # on the rate, and assigning the rate changes it without a recompile.
+            rate = self.__dict__[holder]
+        else:
+            # Eagerly the validated float, which the holder mirrors: the op need not read a
+            # tensor (nor a jit trace record one).  The float 0 passes the input itself through,
+            # which only a layer of torch's dropout family does; the others compute.
+            rate = self.__dict__[self._rate_value]
+            if rate == 0.0 and not self._zero_rate_passes_through:
+                rate = self.__dict__[holder]
         options = self._options()  # a fresh dict: the randomness joins it, one mapping to pass
         options["seed"] = seed
         options["generator"] = generator
