@@ -376,6 +376,14 @@ def run_splits(
     n_splits = len(splits)
     report = progress or (lambda phase, done, total: None)
     phase = _PhaseClock()
+    train_kw: dict[str, Any] = {
+        "n_hidden": dataset.n_hidden,
+        "epochs": epochs,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "fused": config.fused,
+    }
 
     # --- grid on the first 80 % --------------------------------------------------------------
     parts = [train_validation(s.train) for s in splits]
@@ -398,18 +406,7 @@ def run_splits(
     grid_of = [(pi, ti) for pi in range(len(rates)) for _ in splits for ti in range(n_taus)]
     split_of = [k for _ in rates for k in range(n_splits) for _ in taus]
     phase.start()
-    model = train_models(
-        specs,
-        x_tr,
-        y_tr,
-        n_hidden=dataset.n_hidden,
-        epochs=epochs,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        fused=config.fused,
-        on_epoch=lambda e: report("grid", e, epochs),
-    )
+    model = train_models(specs, x_tr, y_tr, on_epoch=lambda e: report("grid", e, epochs), **train_kw)
     phase.stop("grid_train")
 
     phase.start()
@@ -461,16 +458,7 @@ def run_splits(
         )
     phase.start()
     final = train_models(
-        retrain_specs,
-        x_full,
-        y_full,
-        n_hidden=dataset.n_hidden,
-        epochs=epochs,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        fused=config.fused,
-        on_epoch=lambda e: report("retrain", e, epochs),
+        retrain_specs, x_full, y_full, on_epoch=lambda e: report("retrain", e, epochs), **train_kw
     )
     phase.stop("retrain")
 
