@@ -93,6 +93,7 @@ from dropkit.experiments.uci.model import ShuffleGroups, glorot_kernels
 from dropkit.experiments.uci.protocol import (
     LENGTHSCALE,
     Progress,
+    _best_per_split,
     _MixtureStats,
     _PhaseClock,
     _seed,
@@ -570,10 +571,7 @@ def run_splits(
     val_ll = val_stats.log_likelihood()[:, 0]
     grid_p1, grid_p2 = model.rates()
     clock.stop("grid_validate")
-    chosen = []
-    for k in range(n_splits):
-        members = [g for g in range(len(specs)) if split_of[g] == k]
-        chosen.append(max(members, key=lambda g: (float(val_ll[g]), -g)))
+    chosen = _best_per_split(val_ll, split_of, n_splits)
 
     # --- retrain with the chosen τ on the full training split ---------------------------------
     x_full, y_full, x_test, y_test, sc_full = _stack(
@@ -627,8 +625,7 @@ def run_splits(
     extras = test_stats.gaussian(chosen_tau)
     p1, p2 = final.rates()
 
-    per_split_seconds = {k: v / n_splits for k, v in clock.wall.items()}
-    per_split_cpu = {k: v / n_splits for k, v in clock.cpu.items()}
+    per_split_seconds, per_split_cpu = clock.per_split(n_splits)
     results = []
     for k, split in enumerate(splits):
         ti = tau_of[chosen[k]]

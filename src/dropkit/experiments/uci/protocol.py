@@ -60,6 +60,13 @@ class _PhaseClock:
         self.wall[name] = time.perf_counter() - self._started[0]
         self.cpu[name] = time.process_time() - self._started[1]
 
+    def per_split(self, n_splits: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Wall and CPU seconds of every phase divided by ``n_splits``: the splits ran together,
+        so each is charged an equal share."""
+        wall = {k: v / n_splits for k, v in self.wall.items()}
+        cpu = {k: v / n_splits for k, v in self.cpu.items()}
+        return wall, cpu
+
 
 __all__ = [
     "LENGTHSCALE",
@@ -302,6 +309,16 @@ class _MixtureStats:
         return {"ll_gaussian": ll.mean(-1), "picp95": inside.mean(-1), "mpiw95": (2 * half).mean(-1)}
 
 
+def _best_per_split(val_ll: torch.Tensor, split_of: Sequence[int], n_splits: int) -> list[int]:
+    """The grid point of every split with the highest validation log likelihood (``split_of[g]``:
+    the split of grid point ``g``); a tie goes to the first in grid order."""
+    chosen = []
+    for k in range(n_splits):
+        members = [g for g in range(len(split_of)) if split_of[g] == k]
+        chosen.append(max(members, key=lambda g: (float(val_ll[g]), -g)))
+    return chosen
+
+
 def _stack(
     dataset: UCIDataset, fit_rows: list[np.ndarray], eval_rows: list[np.ndarray]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Standardizer]]:
@@ -431,11 +448,7 @@ def run_splits(
     search_ll = search_stats.log_likelihood() if config.tau_search_samples else None
     phase.stop("grid_validate")
 
-    chosen = []
-    for k in range(n_splits):
-        members = [g for g in range(len(specs)) if split_of[g] == k]  # grid order
-        best = max(members, key=lambda g: (float(val_ll[g]), -g))
-        chosen.append(best)
+    chosen = _best_per_split(val_ll, split_of, n_splits)
 
     # --- retrain on the full training split ----------------------------------------------------
     x_full, y_full, x_test, y_test, sc_full = _stack(
@@ -485,8 +498,7 @@ def run_splits(
     extras = test_stats.gaussian(chosen_tau)
 
     results = []
-    per_split_seconds = {k: v / n_splits for k, v in phase.wall.items()}
-    per_split_cpu = {k: v / n_splits for k, v in phase.cpu.items()}
+    per_split_seconds, per_split_cpu = phase.per_split(n_splits)
     for k, split in enumerate(splits):
         pi, ti = grid_of[chosen[k]]
         members = [g for g in range(len(specs)) if split_of[g] == k]
