@@ -89,7 +89,9 @@ def set_threads(count: int) -> None:
         pass
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The machine, the versions and the date of a run; with a CUDA ``device``, its GPU too."""
+    device = torch.device(device)
     model = platform.processor()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -104,7 +106,7 @@ def machine_info() -> dict[str, Any]:
         numba_version: str | None = numba.__version__
     except ImportError:
         numba_version = None
-    return {
+    info: dict[str, Any] = {
         "cpu_model": model,
         "logical_cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -115,6 +117,10 @@ def machine_info() -> dict[str, Any]:
         "dropkit_cpu_backend": backend_for("cpu"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    info["dropkit_backend"] = backend_for(device)  # the backend of the device measured
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def load_average() -> list[float]:
@@ -393,14 +399,21 @@ def mlp_epoch(samples: int, repeats: int, threads: int) -> dict[str, Any]:
     }
 
 
-def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of ``rows`` with ``columns`` as (key, title), right-aligned; a missing
+    value is an empty cell, a float below 10 has three decimals, a larger one is printed as is."""
     header = [title for _, title in columns]
     body = []
     for row in rows:
         cells = []
         for key, _ in columns:
-            value = row[key]
-            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+            value = row.get(key)
+            if value is None:
+                cells.append("")
+            elif isinstance(value, float) and abs(value) < 10:
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(str(value))
         body.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     lines = ["| " + " | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)) + " |"]

@@ -41,13 +41,8 @@ writes the figures with machine information to ``--output``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -61,7 +56,7 @@ from torch import nn
 
 import dropkit
 import dropkit.functional.attention as dropkit_attention
-from dropkit.kernels import backend_for
+from bench_dropout import format_table, load_average, machine_info
 
 P = 0.1
 METHODS = ("dropkit", "torch", "none")
@@ -301,49 +296,6 @@ def attention_call(device: torch.device, dtype: torch.dtype, repeats: int) -> li
 # ---------------------------------------------------------------------------------------------
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    info: dict[str, Any] = {
-        "cpu_model": model,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dropkit": dropkit.__version__,
-        "dropkit_backend": backend_for(device),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        info["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
-    return info
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for key, _ in columns:
-            value = row.get(key)
-            cells.append(
-                ""
-                if value is None
-                else f"{value:.3f}"
-                if isinstance(value, float) and abs(value) < 10
-                else str(value)
-            )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -359,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     config = CONFIGS[device.type]
     info = machine_info(device)
+    info["load_average_before"] = load_average()
     machine = info.get("gpu", info["cpu_model"])
     print(f"# {machine}, torch {info['torch']}, dropkit backend {info['dropkit_backend']}")
     print(f"# config: {asdict(config)}, p = {P}, threads {args.threads}, repeats {args.repeats}")
@@ -436,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Targets\n")
     for name, ok in checks.items():
         print(f"  {name:52s} {'met' if ok else 'MISSED'}")
-    with contextlib.suppress(OSError):
-        info["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    info["load_average_after"] = load_average()
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": info,
