@@ -230,6 +230,27 @@ def test_rule_fires_on_the_broken_model_and_not_on_the_repaired_one(code: str) -
     assert check(repaired(), inputs, **options).findings == [], check(repaired(), inputs, **options)
 
 
+@pytest.mark.parametrize("code", sorted(CASES))
+def test_a_finding_quotes_the_reproductions_of_its_rule(code: str) -> None:
+    """A rule that names ``dropkit reproduce`` experiments cites each one in its finding's
+    reason, next to REPRODUCTIONS.md where their numbers are; the names are registered ones."""
+    from dropkit.experiments.reproduce import names
+
+    broken, _, inputs, options, _ = CASES[code]
+    (finding,) = [f for f in check(broken(), inputs, **options).findings if f.code == code]
+    reproductions = RULES[code].reproductions
+    assert set(reproductions) <= set(names()), reproductions
+    for name in reproductions:
+        assert name in finding.reason, (name, finding.reason)
+    assert ("REPRODUCTIONS.md" in finding.reason) == bool(reproductions), finding.reason
+
+
+def test_rules_quote_the_reproductions_that_bear_on_them() -> None:
+    # The claims behind these rules were reproduced; the ones without a reproduction stay empty.
+    quoted = {code for code, rule in RULES.items() if rule.reproductions}
+    assert quoted == {"DK101", "DK104", "DK105", "DK107", "DK108", "DK109"}
+
+
 def test_each_finding_names_its_rule_source_and_data() -> None:
     broken, _, inputs, _, _ = CASES["DK103"]
     (finding,) = check(broken(), inputs).findings

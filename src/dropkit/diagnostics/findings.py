@@ -17,8 +17,8 @@ severity, and the paper each comes from:
   at every step of a recurrence. Gal & Ghahramani 2016; Merity et al. 2018.
 * ``DK107`` (info) dropout inside a network that normalizes with BatchNorm. Li et al. 2019;
   Ioffe & Szegedy 2015.
-* ``DK108`` (info) a training set so small that dropout's gain vanishes (at most 500 examples).
-  Srivastava et al. 2014, Fig. 10.
+* ``DK108`` (info) a training set so small (at most 500 examples) that whether dropout helps is
+  uncertain: no gain in Srivastava et al. 2014, Fig. 10; a gain in dropkit's reproduction.
 * ``DK109`` (info) a training set large for the model (at least as many examples as
   parameters, a rule of thumb). Chowdhery et al. 2022; Liu et al. 2023.
 * ``DK110`` (error) dropout that stays on in eval mode (functional dropout with
@@ -60,12 +60,15 @@ class Rule:
         name: a short kebab-case name.
         severity: default severity (a rule may report some cases at a lower one).
         source: the paper (or document) the rule comes from.
+        reproductions: the ``dropkit reproduce`` experiments whose results bear on the rule
+            (their full-mode numbers are in REPRODUCTIONS.md; the finding's reason quotes them).
     """
 
     code: str
     name: str
     severity: str
     source: str
+    reproductions: tuple[str, ...] = ()
 
 
 RULES: dict[str, Rule] = {
@@ -77,6 +80,7 @@ RULES: dict[str, Rule] = {
             "warning",
             "Li, Chen, Hu, Yang, 'Understanding the Disharmony between Dropout and Batch "
             "Normalization by Variance Shift', CVPR 2019",
+            reproductions=("variance-shift",),
         ),
         Rule(
             "DK102",
@@ -92,12 +96,14 @@ RULES: dict[str, Rule] = {
             "warning",
             "Tompson et al., 'Efficient Object Localization Using Convolutional Networks', CVPR 2015; "
             "Ghiasi, Lin, Le, 'DropBlock', NeurIPS 2018",
+            reproductions=("conv-variants",),
         ),
         Rule(
             "DK105",
             "standard-dropout-in-selu-network",
             "warning",
             "Klambauer et al., 'Self-Normalizing Neural Networks', NeurIPS 2017",
+            reproductions=("alpha-selu",),
         ),
         Rule(
             "DK106",
@@ -113,12 +119,14 @@ RULES: dict[str, Rule] = {
             "info",
             "Li et al., CVPR 2019; Ioffe & Szegedy, 'Batch Normalization', ICML 2015 (BN-Inception "
             "trained without dropout)",
+            reproductions=("variance-shift",),
         ),
         Rule(
             "DK108",
             "training-set-too-small",
             "info",
             "Srivastava et al., JMLR 2014, Fig. 10 (no gain from dropout on 100 or 500 MNIST examples)",
+            reproductions=("rate-and-size",),
         ),
         Rule(
             "DK109",
@@ -126,6 +134,7 @@ RULES: dict[str, Rule] = {
             "info",
             "Chowdhery et al., 'PaLM', 2022 (trained without dropout); Liu et al., 'Dropout Reduces "
             "Underfitting', ICML 2023 (early dropout when a model underfits)",
+            reproductions=("early-late",),
         ),
         Rule(
             "DK110",
