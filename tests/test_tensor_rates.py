@@ -259,6 +259,51 @@ def test_rates_are_validated_and_mirrored_in_place_and_stay_out_of_state_dict() 
     assert repr(dropkit.nn.GaussianNoise(0.5)) == "GaussianNoise(std=0.5, inplace=False)"
 
 
+@pytest.mark.parametrize(
+    ("layer", "rate", "expected"),
+    [
+        (lambda: dropkit.nn.Dropout(0.3), "p", float),
+        (lambda: dropkit.nn.GaussianNoise(0.2), "std", float),
+        (lambda: DropPath(0.3), "p", float),
+        (lambda: DropPath(0.0), "p", torch.Tensor),  # computes at 0: only torch's family passes through
+    ],
+)
+def test_an_eager_layer_hands_its_op_the_float_its_holder_mirrors(
+    layer: Callable[[], nn.Module], rate: str, expected: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = layer()
+    seen: list[object] = []
+    functional = type(module)._functional
+
+    def spy(input: torch.Tensor, given: object, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(given)
+        return functional(input, given, *args, **kwargs)
+
+    monkeypatch.setattr(type(module), "_functional", staticmethod(spy))
+    x = torch.randn(4, 8)
+    module(x, seed=5)
+    (given,) = seen
+    assert isinstance(given, expected)
+    if expected is float:
+        assert given == getattr(module, rate)
+    else:
+        assert given is getattr(module, f"{rate}_tensor")
+
+
+def test_a_make_fx_trace_reads_the_holder_so_a_new_rate_takes_effect() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = dropkit.nn.Dropout(0.5)
+    x = torch.ones(4, 64)
+    traced = make_fx(lambda t: layer(t, seed=3))(x)
+    before = traced(x)
+    assert torch.equal(before, layer(x, seed=3))
+    layer.p = 0.25
+    after = traced(x)
+    assert not torch.equal(after, before)  # the rate is read from the holder when the trace runs
+    assert torch.equal(after, layer(x, seed=3))
+
+
 def test_attaching_to_a_compiled_model_warns_only_about_rates_it_would_recompile_for() -> None:
     covered = nn.ModuleList([layer for layer, _ in holder_layers()])
     constant = nn.ModuleList(
