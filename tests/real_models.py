@@ -64,6 +64,47 @@ def tiny_convnext(transformers: Any) -> nn.Module:
     return model
 
 
+def tiny_gpt2(transformers: Any, attn_implementation: str, **overrides: Any) -> nn.Module:
+    """A 2-layer, 32-wide GPT-2 language model (vocabulary 99, context 32, 2 heads) with the given
+    attention implementation and distinct rates per site: embeddings 0.1, attention 0.2, residual
+    (attention output and MLP) 0.15."""
+    options: dict[str, Any] = {
+        "vocab_size": 99,
+        "n_positions": 32,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_inner": 37,
+        "embd_pdrop": 0.1,
+        "attn_pdrop": 0.2,
+        "resid_pdrop": 0.15,
+        "bos_token_id": 98,  # in the vocabulary (the default 50256 is not: a config warning)
+        "eos_token_id": 98,
+        "attn_implementation": attn_implementation,
+    }
+    model: nn.Module = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**options, **overrides}))
+    return model
+
+
+def tiny_llama(transformers: Any, attn_implementation: str, **overrides: Any) -> nn.Module:
+    """A 2-layer, 32-wide LLaMA language model (vocabulary 99, context 32, 2 heads) with the given
+    attention implementation and attention dropout 0.2, its only dropout: a functional call (no
+    ``nn.Dropout`` module holds the rate, the attention's ``attention_dropout`` float does)."""
+    options: dict[str, Any] = {
+        "vocab_size": 99,
+        "max_position_embeddings": 32,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "attention_dropout": 0.2,
+        "attn_implementation": attn_implementation,
+    }
+    model: nn.Module = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**options, **overrides}))
+    return model
+
+
 def fake_class(module: str, name: str, init: Any, forward: Any) -> type[nn.Module]:
     """A stand-in class named ``module.name`` (as timm's or torchvision's), without the library."""
     cls = type(name, (nn.Module,), {"__init__": init, "forward": forward, "__module__": module})

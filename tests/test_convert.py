@@ -24,7 +24,15 @@ from dropkit.interop.convert import ConversionReport, FunctionalCall, Replacemen
 from dropkit.nn._base import _RandomLayer
 from tests.conftest import binomial_tolerance
 from tests.layer_specs import realised
-from tests.real_models import fake_class, import_or_skip, tiny_bert, tiny_convnext, tiny_vit
+from tests.real_models import (
+    fake_class,
+    import_or_skip,
+    tiny_bert,
+    tiny_convnext,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit,
+)
 
 TORCH_TO_DROPKIT = {
     nn.Dropout: dropkit.nn.Dropout,
@@ -715,6 +723,132 @@ def test_bert_revert_round_trip(transformers: Any) -> None:
     assert reverted.state_dict().keys() == state.keys()
     assert all(torch.equal(state[key], value) for key, value in reverted.state_dict().items())
     assert all(vars(module)["p"] == 0.1 for module in reverted.modules() if type(module) is nn.Dropout)
+
+
+# The decoder-only families: GPT-2 keeps every rate on an nn.Dropout (embeddings 0.1, attention
+# 0.2, residual 0.15), LLaMA its attention rate on a float attribute, with no dropout module at all.
+GPT2_DROPOUTS = {"transformer.drop": 0.1} | {
+    f"transformer.h.{index}.{site}": rate
+    for index in range(2)
+    for site, rate in (("attn.attn_dropout", 0.2), ("attn.resid_dropout", 0.15), ("mlp.dropout", 0.15))
+}
+GPT2_ATTENTION = [f"transformer.h.{index}.attn" for index in range(2)]
+LLAMA_ATTENTION = [f"model.layers.{index}.self_attn" for index in range(2)]
+ATTENTION_FUNCTIONS = [("eager", "dropout"), ("sdpa", "scaled_dot_product_attention")]
+
+
+def _check_causal_lm(
+    model: nn.Module, report: ConversionReport, ids: torch.Tensor, before: torch.Tensor, calls: int
+) -> None:
+    """After ``convert``: eval logits bit for bit ``before``; MC mode acts at every converted site
+    and intercepts each of the ``calls`` functional calls once per forward; a training step with
+    the language-modelling loss gives finite gradients everywhere."""
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    with dropkit.mc_dropout(model) as handle, torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert {item.name for item in report.replaced} <= set(handle.modules)
+    assert handle.intercepted_calls == 2 * calls
+    assert not torch.equal(first, second)
+    assert not model.training
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert _grads_finite(model)
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    assert all(grad is not None and bool(grad.abs().sum() > 0) for grad in grads.values()), [
+        name for name, grad in grads.items() if grad is None or not bool(grad.abs().sum() > 0)
+    ]
+
+
+@pytest.mark.parametrize(("attn_implementation", "function"), ATTENTION_FUNCTIONS)
+def test_gpt2_every_dropout_module_is_converted_and_attention_dropout_is_listed(
+    transformers: Any, attn_implementation: str, function: str
+) -> None:
+    model = tiny_gpt2(transformers, attn_implementation).eval()
+    ids = torch.randint(0, 99, (2, 7))
+    assert {name: module.p for name, module in model.named_modules() if type(module) is nn.Dropout} == (
+        GPT2_DROPOUTS
+    )
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    report = dropkit.convert(model, example_inputs={"input_ids": ids})
+
+    assert [(item.name, item.rate) for item in report.replaced] == list(GPT2_DROPOUTS.items())
+    assert all(item.new_class == "dropkit.nn.Dropout" for item in report.replaced)
+    assert _dropout_names(model) == []
+    assert all(type(module) is dropkit.nn.Dropout for module in map(model.get_submodule, GPT2_DROPOUTS))
+    assert report.skipped == []
+    # Attention dropout: a module call (attn_dropout) in the eager attention of transformers 4.x;
+    # a functional call (F.dropout, or SDPA's dropout_p) in 5.x and with SDPA, where attn_dropout
+    # only holds the rate.  Either way every site is converted or listed, at the rate 0.2.
+    assert report.functional_calls is not None
+    calls = {call.module: call for call in report.functional_calls}
+    called = {item.name: item.called for item in report.replaced}
+    assert set(calls) <= set(GPT2_ATTENTION)
+    for name in GPT2_ATTENTION:
+        if called[f"{name}.attn_dropout"]:
+            assert name not in calls
+        else:
+            assert calls[name] == FunctionalCall(
+                name,
+                "transformers.models.gpt2.modeling_gpt2.GPT2Attention",
+                f"torch.nn.functional.{function}",
+                0.2,
+                1,
+            )
+    assert [name for name, flag in called.items() if not flag] == [
+        f"{name}.attn_dropout" for name in GPT2_ATTENTION if name in calls
+    ]
+    if attn_implementation == "sdpa" or int(transformers.__version__.split(".")[0]) >= 5:
+        assert list(calls) == GPT2_ATTENTION
+    _check_causal_lm(model, report, ids, before, len(calls))
+
+
+@pytest.mark.parametrize(("attn_implementation", "function"), ATTENTION_FUNCTIONS)
+def test_llama_attention_dropout_is_listed_as_functional_calls(
+    transformers: Any, attn_implementation: str, function: str
+) -> None:
+    model = tiny_llama(transformers, attn_implementation).eval()
+    ids = torch.randint(0, 99, (2, 7))
+    assert [name for name, module in model.named_modules() if "Dropout" in type(module).__name__] == []
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    report = dropkit.convert(model, example_inputs={"input_ids": ids})
+
+    assert report.replaced == report.skipped == []
+    assert report.functional_calls == [
+        FunctionalCall(
+            name,
+            "transformers.models.llama.modeling_llama.LlamaAttention",
+            f"torch.nn.functional.{function}",
+            0.2,  # the attention's attention_dropout float (transformers 5.x passes p=0 in eval)
+            1,
+        )
+        for name in LLAMA_ATTENTION
+    ]
+    _check_causal_lm(model, report, ids, before, len(LLAMA_ATTENTION))
+
+
+def test_gpt2_revert_round_trip(transformers: Any) -> None:
+    model = tiny_gpt2(transformers, "eager")
+    classes = {name: type(module) for name, module in model.named_modules()}
+    state = copy.deepcopy(model.state_dict())
+    converted = dropkit.convert(model, copy=True).model
+    assert converted.state_dict().keys() == state.keys()
+    assert {name: type(module) for name, module in converted.named_modules()} != classes
+    report = dropkit.revert(converted)
+    assert [(item.name, item.rate) for item in report.replaced] == list(GPT2_DROPOUTS.items())
+    reverted = report.model
+    assert {name: type(module) for name, module in reverted.named_modules()} == classes
+    assert reverted.state_dict().keys() == state.keys()
+    assert all(torch.equal(state[key], value) for key, value in reverted.state_dict().items())
+    rates = {
+        name: vars(module)["p"] for name, module in reverted.named_modules() if type(module) is nn.Dropout
+    }
+    assert rates == GPT2_DROPOUTS
+    assert all(type(rate) is float for rate in rates.values())
 
 
 def test_vit_is_converted_and_trains(transformers: Any) -> None:

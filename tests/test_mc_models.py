@@ -40,7 +40,15 @@ from dropkit.mc.mode import (
 from dropkit.mc.sampling import mc_predict
 from dropkit.mc.trunk import split_trunk
 from tests.conftest import binomial_tolerance
-from tests.real_models import fake_class, import_or_skip, tiny_bert, tiny_convnext, tiny_vit
+from tests.real_models import (
+    fake_class,
+    import_or_skip,
+    tiny_bert,
+    tiny_convnext,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit,
+)
 
 Records = dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -612,6 +620,67 @@ def test_bert_every_dropout_site_acts(
         record_ops,
         attention_p=attention_p,
     )
+
+
+def _causal_lm_inputs(padding: bool) -> dict[str, torch.Tensor]:
+    """16 sequences of 16 tokens; with ``padding`` the last 4 of each are padding (right padding:
+    every query still attends to its first token), else there is no mask (causal attention only:
+    SDPA gets ``is_causal=True`` and no mask)."""
+    ids = torch.randint(0, 99, (16, 16))
+    if not padding:
+        return {"input_ids": ids}
+    mask = torch.ones(16, 16, dtype=torch.long)
+    mask[:, 12:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("padding", [True, False])
+@pytest.mark.parametrize("attention_p", [None, 0.3])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_gpt2_every_dropout_site_acts(
+    transformers: Any, record_ops: Any, attn_implementation: str, attention_p: float | None, padding: bool
+) -> None:
+    model = tiny_gpt2(transformers, attn_implementation).train()
+    inputs = _causal_lm_inputs(padding)
+    # Embeddings 0.1, attention 0.2 (the rate held by attn_dropout: a module call in the eager
+    # attention of transformers 4.x, the rate of a functional call in 5.x and with SDPA), and the
+    # residual dropouts after the attention and the MLP 0.15: each site at its own rate.
+    attention = 0.2 if attention_p is None else attention_p
+    expected = {"transformer.drop": 0.1}
+    for index in range(2):
+        block = f"transformer.h.{index}"
+        expected[f"{block}.attn.attn_dropout"] = attention
+        expected[f"{block}.attn.resid_dropout"] = 0.15
+        expected[f"{block}.mlp.dropout"] = 0.15
+    assert expected.keys() == {name for name, module in model.named_modules() if type(module) is nn.Dropout}
+    handle = _check_sites(
+        model, lambda: model(**inputs), expected, record_ops, rounds=2, attention_p=attention_p
+    )
+    assert handle.intercepted_calls == 2 * len(expected)  # the torch modules call F.dropout too
+
+
+@pytest.mark.parametrize("attention_p", [None, 0.3])
+@pytest.mark.parametrize(("key_value_heads", "padding"), [(2, True), (1, False)])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_llama_attention_dropout_acts(
+    transformers: Any,
+    record_ops: Any,
+    attn_implementation: str,
+    key_value_heads: int,
+    padding: bool,
+    attention_p: float | None,
+) -> None:
+    model = tiny_llama(transformers, attn_implementation, num_key_value_heads=key_value_heads).train()
+    inputs = _causal_lm_inputs(padding)
+    # No dropout module: the functional attention dropout is the only site, its rate the
+    # attention's attention_dropout float (grouped-query attention with one key/value head too).
+    assert not any(isinstance(module, nn.Dropout) for module in model.modules())
+    rate = 0.2 if attention_p is None else attention_p
+    expected = {f"model.layers.{index}.self_attn": rate for index in range(2)}
+    handle = _check_sites(
+        model, lambda: model(**inputs), expected, record_ops, rounds=2, attention_p=attention_p
+    )
+    assert handle.intercepted_calls == 2 * 2
 
 
 def test_bert_with_keywords_and_model_output(transformers: Any) -> None:

@@ -24,6 +24,7 @@ from dropkit.mc.sampling import (
     mc_predict,
 )
 from dropkit.mc.streaming import MCSummary
+from tests.real_models import tiny_gpt2, tiny_llama
 
 # -- plain-torch stand-ins ---------------------------------------------------------------------
 
@@ -491,6 +492,44 @@ def test_hugging_face_bert_with_keywords_and_model_output(implementation: str) -
     )  # fmt: skip
     assert isinstance(stats.logits, MCSummary)
     assert stats.logits.votes.sum() == 40
+    assert not model.training
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, eval_logits)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hugging_face_causal_lm_logits_per_token(family: str, implementation: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = {"gpt2": tiny_gpt2, "llama": tiny_llama}[family](transformers, implementation).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(99, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        eval_logits = model(input_ids=ids, attention_mask=mask).logits
+    logits = mc_predict(model, T=4, input_ids=ids, attention_mask=mask, output="logits", seed=0)
+    assert logits.shape == (4, 3, 6, 99)
+    assert bool(torch.isfinite(logits).all())
+    # Every pair of samples differs, at every sequence (LLaMA: through the attention dropout alone).
+    for i in range(4):
+        for j in range(i):
+            assert all(not torch.equal(logits[i, b], logits[j, b]) for b in range(3)), (i, j)
+    assert not any(torch.equal(logits[t], eval_logits) for t in range(4))
+    # Same seed, same samples; in chunks of 3 the same masks, the values up to the last bits
+    # (torch's vectorised SiLU of LLaMA's MLP rounds the tail of a tensor differently, so a
+    # sample's values depend on the chunk's size by an ulp: a kernel's, not the masks').
+    again = mc_predict(model, T=4, input_ids=ids, attention_mask=mask, output="logits", seed=0)
+    assert torch.equal(again, logits)
+    chunked = mc_predict(
+        model, T=4, input_ids=ids, attention_mask=mask, output="logits", seed=0, chunk_size=3
+    )  # fmt: skip
+    torch.testing.assert_close(chunked, logits, rtol=0, atol=1e-6)
+    assert float((logits[0] - logits[1]).abs().max()) > 1e-3  # far above that tolerance
+    # Another seed, other samples.
+    other = mc_predict(model, T=4, input_ids=ids, attention_mask=mask, output="logits", seed=1)
+    assert not torch.equal(other, logits)
     assert not model.training
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, eval_logits)

@@ -62,8 +62,9 @@ mode), and it gives every sample its own weight mask for DropConnect and variati
 It requires batch-first activations at each stochastic op (leading dim a multiple of ``k``,
 sample-major); other layouts must use ``chunk_size=1``.  A random layer whose ``forward``
 takes no ``seed=`` keyword draws its own keys, so its samples are random but not
-chunk-invariant.  Values can still differ in the last bits between chunk sizes where a BLAS
-kernel rounds differently for different batch sizes.
+chunk-invariant.  Values can still differ in the last bits between chunk sizes where a kernel
+rounds differently for different sizes: a BLAS matmul, or a vectorized element-wise op such as
+torch's SiLU at the tail of a tensor (seen in LLaMA's MLP); the masks are the same.
 
 **Trunk caching.**  With ``trunk="auto"`` the deterministic prefix of the model is found with
 ``torch.fx`` (see :mod:`dropkit.mc.trunk`) and computed once; this needs positional tensor
