@@ -29,6 +29,7 @@ from dropkit.diagnostics import (
     measure_ensemble_gap,
     measure_variance_shift,
 )
+from dropkit.diagnostics.activations import activation_summary
 from dropkit.diagnostics.adaptive_l2 import cumulant, find_head, measure_head_penalty
 from dropkit.diagnostics.flow import trace_flow
 from dropkit.metrics import regression as regression_metrics
@@ -469,6 +470,41 @@ def test_activation_statistics_follow_the_mask_distribution() -> None:
     assert float(stats.eval_histogram.sum()) == pytest.approx(1.0)
     assert float(stats.dropout_histogram.sum()) == pytest.approx(1.0)
     assert stats.edges.numel() == 31
+
+
+def test_a_diverged_model_is_measured_with_its_non_finite_fraction() -> None:
+    """A layer whose output is partly NaN (one unit of 16 fed by a NaN weight) is summarized over
+    its finite elements, with the NaN share reported exactly; an all-NaN layer gives NaN
+    statistics and a fraction of 1, and the histograms hold only the finite elements."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16), nn.Dropout(0.5),
+        nn.Linear(16, 4), nn.Dropout(0.5),
+    )  # fmt: skip
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("nan")  # unit 0 of layer 3: NaN for every input
+        model[5].weight.fill_(float("inf"))
+        model[5].bias.zero_()
+    first, partial, diverged = measure_activations(model, x, repeats=2, seed=1)
+    assert first.eval["nonfinite_fraction"] == 0.0
+    assert partial.eval["nonfinite_fraction"] == 1 / 16
+    # With dropout on, a dropped NaN is an exact zero: only the kept ones stay NaN.
+    assert 0 < partial.dropout["nonfinite_fraction"] < 1 / 16
+    for summary in (partial.eval, partial.dropout):
+        assert math.isfinite(summary["mean"])
+        assert math.isfinite(summary["std"])
+    with torch.no_grad():
+        hidden = model[3](torch.relu(model[0](x))).double()[:, 1:]
+    assert partial.eval["mean"] == pytest.approx(float(hidden.mean()))
+    assert float(partial.eval_histogram.sum()) == pytest.approx(15 / 16)
+    assert float(partial.dropout_histogram.sum()) == pytest.approx(1 - partial.dropout["nonfinite_fraction"])
+    assert bool(torch.isfinite(partial.edges).all())
+    assert diverged.eval["nonfinite_fraction"] > 0
+    assert diverged.eval["nonfinite_fraction"] + float(diverged.eval_histogram.sum()) == pytest.approx(1.0)
+    everything_nan = activation_summary(torch.full((3, 2), float("nan")))
+    assert everything_nan["nonfinite_fraction"] == 1.0
+    assert math.isnan(everything_nan["mean"])
 
 
 def test_activations_skip_sites_that_drop_nothing() -> None:

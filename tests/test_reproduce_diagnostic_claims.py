@@ -454,3 +454,31 @@ def test_alpha_selu_verdict(
     assert kept.verdict.held is False
     assert "standard dropout stayed" in kept.verdict.text
     assert alpha_selu.summarize(_ctx("tiny", tmp_path), _selu_results(base, 1.0, 1.6)).verdict.held is None
+
+
+def test_alpha_selu_reports_a_seed_whose_network_diverged_in_training(
+    tiny_runs: dict[str, tuple[dict[str, Any], dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A trained network whose activations went NaN leaves the after-training columns (said in a
+    note), keeps its accuracy, and does not change the verdict, which judges initialization."""
+    base = tiny_runs["alpha-selu"][0]
+    results = _selu_results(base, 1.0, 1.6)
+    clean = alpha_selu.summarize(_ctx("quick", tmp_path), results)
+    diverged = copy.deepcopy(results[0])
+    profile = diverged["variants"]["standard"]["trained"]
+    profile["train_var"] = [float("nan")] * len(profile["train_var"])
+    profile["nonfinite"] = [1.0] * len(profile["train_var"])
+    summary = alpha_selu.summarize(_ctx("quick", tmp_path), [diverged, *results[1:]])
+    assert summary.verdict.held is clean.verdict.held is True
+    assert any("1 of 3 seeds" in note and "non-finite" in note for note in summary.notes)
+    assert not any("non-finite" in note for note in clean.notes)
+    detail = summary.tables[1]
+    assert all("nan" not in str(cell) for row in detail.rows for cell in row)
+    only = alpha_selu.summarize(_ctx("quick", tmp_path), [diverged])
+    assert "diverged" in [str(cell) for row in only.tables[1].rows for cell in row]
+    from matplotlib.figure import Figure as MplFigure
+
+    for figure in (*summary.figures, *only.figures):
+        canvas = MplFigure()
+        figure.draw(canvas)  # the after-training panels only where a seed kept finite activations
+    assert len(canvas.axes) == 2

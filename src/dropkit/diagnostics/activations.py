@@ -5,7 +5,9 @@ block and locked dropout), :func:`measure_activations` records the module's outp
 in eval mode (dropout off: the activation the next layer sees at test time) and with every
 dropout of the model on (:func:`dropkit.mc_predict`, BatchNorm in eval: what it sees while
 training), and reports for each the mean activation, the mean absolute activation, the fraction
-of exact zeros and a histogram on common bins.
+of exact zeros and a histogram on common bins.  A model whose activations are not finite (one
+that diverged in training) is measured too: the statistics are taken over the finite elements
+and ``nonfinite_fraction`` says how many were NaN or infinite, layer by layer.
 
 With inverted dropout at rate :math:`p`, the site's own mask keeps the expected mean and turns
 a fraction :math:`p` of the non-zero units into zeros: the zero fraction goes from
@@ -45,10 +47,12 @@ class ActivationStats:
     Attributes:
         site: the site's label (module path).
         rate: its drop rate.
-        eval: summary with dropout off: ``mean``, ``mean_abs``, ``std``, ``zero_fraction``.
+        eval: summary with dropout off: ``mean``, ``mean_abs``, ``std``, ``zero_fraction`` and
+            ``nonfinite_fraction`` (see :func:`activation_summary`).
         dropout: the same with every dropout on (averaged over the passes).
         edges: the common histogram bin edges, ``(bins + 1,)``.
-        eval_histogram: fraction of elements per bin, dropout off.
+        eval_histogram: fraction of elements per bin, dropout off (of all elements: the bins hold
+            the finite ones, and sum to ``1 - nonfinite_fraction``).
         dropout_histogram: fraction of elements per bin, dropout on.
         count: elements per pass.
     """
@@ -77,28 +81,44 @@ class ActivationStats:
 
 
 def activation_summary(values: torch.Tensor) -> dict[str, float]:
-    """``mean``, ``mean_abs``, ``std`` (population) and ``zero_fraction`` of a tensor's elements.
+    """``mean``, ``mean_abs``, ``std`` (population) and ``zero_fraction`` of a tensor's finite
+    elements, and ``nonfinite_fraction``, the fraction of its elements that are NaN or infinite.
+
+    The first four are NaN only when no element is finite (``nonfinite_fraction`` 1): a diverged
+    activation is reported as such, not as a statistic of its NaNs.
 
     Example::
 
         >>> activation_summary(torch.tensor([0.0, 2.0, 0.0, 2.0]))
-        {'mean': 1.0, 'mean_abs': 1.0, 'std': 1.0, 'zero_fraction': 0.5}
+        {'mean': 1.0, 'mean_abs': 1.0, 'std': 1.0, 'zero_fraction': 0.5, 'nonfinite_fraction': 0.0}
+        >>> activation_summary(torch.tensor([1.0, float("nan"), 3.0, float("inf")]))["nonfinite_fraction"]
+        0.5
     """
     flat = values.detach().reshape(-1).to(torch.float64)
     if flat.numel() == 0:
         raise ValueError("cannot summarize an empty tensor")
+    finite = flat[torch.isfinite(flat)]
+    if finite.numel() == 0:
+        nan = float("nan")
+        return {"mean": nan, "mean_abs": nan, "std": nan, "zero_fraction": nan, "nonfinite_fraction": 1.0}
     return {
-        "mean": float(flat.mean()),
-        "mean_abs": float(flat.abs().mean()),
-        "std": float(flat.std(correction=0)),
-        "zero_fraction": float((flat == 0).to(torch.float64).mean()),
+        "mean": float(finite.mean()),
+        "mean_abs": float(finite.abs().mean()),
+        "std": float(finite.std(correction=0)),
+        "zero_fraction": float((finite == 0).to(torch.float64).mean()),
+        "nonfinite_fraction": 1.0 - finite.numel() / flat.numel(),
     }
 
 
-def _histogram(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+def _finite(values: torch.Tensor) -> torch.Tensor:
     flat = values.detach().reshape(-1).to(torch.float64)
-    counts = torch.histc(flat, bins=edges.numel() - 1, min=float(edges[0]), max=float(edges[-1]))
-    return counts / max(flat.numel(), 1)
+    return flat[torch.isfinite(flat)]
+
+
+def _histogram(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Fractions of all of ``values``' elements per bin; non-finite elements fall in none."""
+    counts = torch.histc(_finite(values), bins=edges.numel() - 1, min=float(edges[0]), max=float(edges[-1]))
+    return counts / max(values.numel(), 1)
 
 
 def measure_activations(
@@ -164,8 +184,10 @@ def measure_activations(
         if not on:
             continue
         pooled = torch.stack(on)
-        low = float(min(off.min(), pooled.min()))
-        high = float(max(off.max(), pooled.max()))
+        # Bins over the finite values only (a diverged layer's NaN or inf has no place on them).
+        finite = torch.cat([_finite(off), _finite(pooled)])
+        low = float(finite.min()) if finite.numel() else 0.0
+        high = float(finite.max()) if finite.numel() else 1.0
         if high <= low:
             high = low + 1.0
         edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)

@@ -261,14 +261,29 @@ def standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _depth_profile(model: nn.Module, inputs: torch.Tensor, repeats: int, seed: int) -> dict[str, list[float]]:
-    """Mean and variance of every dropout site's output, dropout on (training) and off."""
+    """Mean and variance of every dropout site's output, dropout on (training) and off, and the
+    fraction of its elements that are not finite (a network that diverged in training)."""
     stats = measure_activations(model, inputs, repeats=repeats, seed=seed)
     return {
         "train_mean": [s.dropout["mean"] for s in stats],
         "train_var": [s.dropout["std"] ** 2 for s in stats],
         "eval_mean": [s.eval["mean"] for s in stats],
         "eval_var": [s.eval["std"] ** 2 for s in stats],
+        "nonfinite": [max(s.dropout["nonfinite_fraction"], s.eval["nonfinite_fraction"]) for s in stats],
     }
+
+
+def _finite_profile(profile: Mapping[str, Sequence[float]]) -> bool:
+    """Every statistic finite and no element non-finite (a seed result written before the
+    ``nonfinite`` column counts its statistics only)."""
+    return all(math.isfinite(float(v)) for values in profile.values() for v in values) and not any(
+        float(v) > 0 for v in profile.get("nonfinite", ())
+    )
+
+
+def _stable(results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The seeds whose trained networks kept finite activations in every measured variant."""
+    return [r for r in results if all(_finite_profile(r["variants"][key]["trained"]) for key in MEASURED)]
 
 
 def _train(
@@ -417,10 +432,12 @@ def _profile_curves(
 
 
 def _draw_depth(results: Sequence[Mapping[str, Any]]) -> Any:
+    stable = _stable(results)  # a diverged seed has no finite curve after training
     panels = {
-        (stage, column): _profile_curves(results, stage, column)
+        (stage, column): _profile_curves(results if stage == "init" else stable, stage, column)
         for stage in ("init", "trained")
         for column in ("train_mean", "train_var")
+        if stage == "init" or stable
     }
 
     def draw(fig: MplFigure) -> None:
@@ -458,8 +475,13 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
     def at_depth(key: str, stage: str, column: str) -> str:
         return _STATS.cell([float(r["variants"][key][stage][column][-1]) for r in results])
 
+    stable = _stable(results)
+
     def worst(key: str, stage: str, which: int) -> str:
-        return _STATS.cell([_worst(r["variants"][key][stage])[which] for r in results])
+        chosen = results if stage == "init" else stable
+        if not chosen:
+            return "diverged"
+        return _STATS.cell([_worst(r["variants"][key][stage])[which] for r in chosen])
 
     p = float(first["p"])
 
@@ -558,6 +580,12 @@ def summarize(ctx: RunContext, results: Sequence[Mapping[str, Any]]) -> Summary:
         f"{100 * _noise_fraction('standard', p):.0f} % for standard dropout (of the second moment), "
         "which slows training; Klambauer et al. use rates of 0.05-0.1.",
     ]
+    if len(stable) < n:
+        notes.append(
+            f"{n - len(stable)} of {n} seeds: the trained network's activations became non-finite "
+            "(NaN or infinite) in training; those seeds are left out of the after-training columns "
+            "and panels, and their test accuracies are kept."
+        )
     metrics: dict[str, Any] = {}
     for key in MEASURED:
         metrics[f"{key}_deepest_mean"] = _STATS.json_pair(
