@@ -290,6 +290,32 @@ def test_an_eager_layer_hands_its_op_the_float_its_holder_mirrors(
         assert given is getattr(module, f"{rate}_tensor")
 
 
+def test_under_a_function_mode_a_layer_hands_its_op_the_holder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the op would be traced rather than run eagerly (a torch function mode here), the layer
+    passes the holder, as a compiled graph reads it: the same predicate decides both."""
+    from torch.overrides import TorchFunctionMode
+
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    layer = dropkit.nn.Dropout(0.3)
+    seen: list[object] = []
+    functional = type(layer)._functional
+
+    def spy(input: torch.Tensor, given: object, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(given)
+        return functional(input, given, *args, **kwargs)
+
+    monkeypatch.setattr(type(layer), "_functional", staticmethod(spy))
+    x = torch.randn(4, 8)
+    with PassThrough():
+        traced = layer(x, seed=5)
+    assert seen == [layer.p_tensor]
+    assert torch.equal(traced, layer(x, seed=5))
+    assert seen[-1] == 0.3
+
+
 def test_a_make_fx_trace_reads_the_holder_so_a_new_rate_takes_effect() -> None:
     from torch.fx.experimental.proxy_tensor import make_fx
 

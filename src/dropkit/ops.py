@@ -59,6 +59,7 @@ __all__ = [
     "Rate",
     "bias_dropout_add",
     "checked_rate",
+    "eager_fast_path",
     "gaussian_dropout",
     "gaussian_noise",
     "masked_affine",
@@ -70,7 +71,7 @@ __all__ = [
 _FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
 # The C++ apply of torch._C._FunctionBase, which torch.autograd.Function.apply ends in.
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
-# Bound once: every eager call asks them (never while compiling: see _eager_fast_path).
+# Bound once: every eager call asks them (never while compiling: see eager_fast_path).
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 _transforms_active = torch._C._are_functorch_transforms_active
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -83,7 +84,7 @@ _REPLAYING: ContextVar[bool] = ContextVar("dropkit_replaying_a_mask", default=Fa
 Rate = float | torch.Tensor
 
 
-def _eager_fast_path(*tensors: torch.Tensor) -> bool:
+def eager_fast_path(*tensors: torch.Tensor) -> bool:
     """Plain eager tensors, no tracing and no dispatch or function modes: the autograd.Function
     runs.  Under ``torch.func`` transforms it runs too (it has the forward-AD and vmap rules the
     transforms need); traced paths (compile, export, fake and subclass tensors) take the op."""
@@ -309,7 +310,7 @@ class RateOp:
         return (self._grad(ctx, grad), None, None, *([None] * len(ctx.options)))
 
     def __call__(self, x: torch.Tensor, key: torch.Tensor, rate: Rate, *options: Any) -> torch.Tensor:
-        if not (_eager_fast_path(x, key) and (type(rate) in _PLAIN_RATE_TYPES or _plain_rate(rate))):
+        if not (eager_fast_path(x, key) and (type(rate) in _PLAIN_RATE_TYPES or _plain_rate(rate))):
             return self.op(x, key, as_rate_tensor(rate), *options)
         if _transforms_active():
             return self.eager.apply(x, key, rate, options)
@@ -485,7 +486,7 @@ def bias_dropout_add(
     x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, rate: Rate
 ) -> torch.Tensor:
     """``residual + where(keep, (x + bias) / q, 0)`` with the element mask of ``x``."""
-    if _eager_fast_path(x, bias, residual, key) and _plain_rate(rate):
+    if eager_fast_path(x, bias, residual, key) and _plain_rate(rate):
         return _BiasDropoutAdd.apply(x, bias, residual, key, rate)
     return _bias_dropout_add_op(x, bias, residual, key, as_rate_tensor(rate))
 
@@ -509,7 +510,7 @@ def checked_rate(rate: torch.Tensor, name: str = "p", probability: bool = True) 
     to an op that reads it: eagerly the value is read now; in a compiled graph a custom op reads
     it when the graph runs, so a bad value in a holder is an error there too, never a silent
     threshold past the ends."""
-    if _eager_fast_path(rate):
+    if eager_fast_path(rate):
         # The range test first (cheaper than the check, which runs to raise, NaN included).
         if not 0.0 <= float(rate) <= (1.0 if probability else sys.float_info.max):
             rate_value(rate, name, check_probability if probability else check_nonnegative)

@@ -94,10 +94,9 @@ def activation_summary(values: torch.Tensor) -> dict[str, float]:
         >>> activation_summary(torch.tensor([1.0, float("nan"), 3.0, float("inf")]))["nonfinite_fraction"]
         0.5
     """
-    flat = values.detach().reshape(-1).to(torch.float64)
-    if flat.numel() == 0:
+    if values.numel() == 0:
         raise ValueError("cannot summarize an empty tensor")
-    finite = flat[torch.isfinite(flat)]
+    finite = _finite(values)
     if finite.numel() == 0:
         nan = float("nan")
         return {"mean": nan, "mean_abs": nan, "std": nan, "zero_fraction": nan, "nonfinite_fraction": 1.0}
@@ -106,7 +105,7 @@ def activation_summary(values: torch.Tensor) -> dict[str, float]:
         "mean_abs": float(finite.abs().mean()),
         "std": float(finite.std(correction=0)),
         "zero_fraction": float((finite == 0).to(torch.float64).mean()),
-        "nonfinite_fraction": 1.0 - finite.numel() / flat.numel(),
+        "nonfinite_fraction": 1.0 - finite.numel() / values.numel(),
     }
 
 
@@ -115,10 +114,11 @@ def _finite(values: torch.Tensor) -> torch.Tensor:
     return flat[torch.isfinite(flat)]
 
 
-def _histogram(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Fractions of all of ``values``' elements per bin; non-finite elements fall in none."""
-    counts = torch.histc(_finite(values), bins=edges.numel() - 1, min=float(edges[0]), max=float(edges[-1]))
-    return counts / max(values.numel(), 1)
+def _histogram(finite: torch.Tensor, total: int, edges: torch.Tensor) -> torch.Tensor:
+    """Fractions of all ``total`` elements per bin, of which ``finite`` are the finite ones (the
+    non-finite fall in no bin)."""
+    counts = torch.histc(finite, bins=edges.numel() - 1, min=float(edges[0]), max=float(edges[-1]))
+    return counts / max(total, 1)
 
 
 def measure_activations(
@@ -185,7 +185,8 @@ def measure_activations(
             continue
         pooled = torch.stack(on)
         # Bins over the finite values only (a diverged layer's NaN or inf has no place on them).
-        finite = torch.cat([_finite(off), _finite(pooled)])
+        off_finite, on_finite = _finite(off), _finite(pooled)
+        finite = torch.cat([off_finite, on_finite])
         low = float(finite.min()) if finite.numel() else 0.0
         high = float(finite.max()) if finite.numel() else 1.0
         if high <= low:
@@ -198,8 +199,8 @@ def measure_activations(
                 eval=activation_summary(off),
                 dropout=activation_summary(pooled),
                 edges=edges,
-                eval_histogram=_histogram(off, edges),
-                dropout_histogram=_histogram(pooled, edges),
+                eval_histogram=_histogram(off_finite, off.numel(), edges),
+                dropout_histogram=_histogram(on_finite, pooled.numel(), edges),
                 count=off.numel(),
             )
         )

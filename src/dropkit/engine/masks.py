@@ -211,8 +211,8 @@ def box_muller_uniforms(
             return uniforms
     w0, w1, w2, w3 = philox_words(key, first, count)
     return (
-        ((torch.stack((w0, w2), dim=1) >> 8).to(dtype) + 0.5) * 2.0**-24,
-        ((torch.stack((w1, w3), dim=1) >> 8).to(dtype) + 0.5) * 2.0**-24,
+        ((_pair_last(w0, w2) >> 8).to(dtype) + 0.5) * 2.0**-24,
+        ((_pair_last(w1, w3) >> 8).to(dtype) + 0.5) * 2.0**-24,
     )
 
 

@@ -18,9 +18,7 @@ from dropkit.engine.streams import (
 )
 from dropkit.functional._common import SeedLike
 from dropkit.functional._seed import check_seed
-
-# Bound once: every eager forward asks whether a dispatch mode (a make_fx trace) is recording.
-_dispatch_modes = torch._C._len_torch_dispatch_stack
+from dropkit.ops import eager_fast_path
 
 
 def _mirror_rate(module: object, name: str, value: float) -> None:
@@ -176,9 +174,10 @@ class _UnaryRandomLayer(_RandomLayer):
         if training:
             seed = self._key(input, seed, generator)  # torch.jit.trace is refused here
         holder = self._rate_holder
-        if torch.compiler.is_compiling() or type(input) is not torch.Tensor or _dispatch_modes():
-            # A compiled graph (or an FX or make_fx trace) reads the holder: it neither branches
-            # nor guards on the rate, and assigning the rate changes it without a recompile.
+        if not eager_fast_path(input):
+            # Where the op is traced (compile, export, FX, make_fx, a mode) it reads the holder: a
+            # graph neither branches nor guards on the rate, and assigning the rate changes it
+            # without a recompile.
             rate = self.__dict__[holder]
         else:
             # Eagerly the validated float, which the holder mirrors: the op need not read a
